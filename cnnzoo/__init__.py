@@ -1,0 +1,1 @@
+"""Shared plumbing of the product: config validation, data, run directory, tasks."""

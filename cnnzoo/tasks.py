@@ -1,0 +1,172 @@
+"""The tasks ``run.py`` dispatches to. Order matters for users: the config is validated first,
+then data is loaded, and only then is the chosen backend (and its framework) imported."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import architectures
+from architectures import ShapeError
+
+from .rundir import package_versions, write_json
+from .validate import ConfigError, validate
+
+SCHEMA_VERSION = 1
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+class RunFailed(RuntimeError):
+    """The run finished its work but its result is not acceptable (e.g. ONNX verification)."""
+
+
+def run_task(cfg: DictConfig, run_dir: Path, backend_chosen: bool = False):
+    """Run ``cfg.task``; user mistakes and failed runs end the process with one clear message."""
+    from export.onnx_model import ExportError
+
+    from .data import DataError
+    try:
+        validate(cfg)
+        if cfg.task == "summary":
+            return summary(cfg, run_dir, build_native=backend_chosen)
+        return train(cfg, run_dir)
+    except (ConfigError, ShapeError, DataError) as err:
+        _fail(err, EXIT_BAD_INPUT)
+    except (RunFailed, ExportError) as err:
+        _fail(err, EXIT_FAILED)
+
+
+def _fail(err: Exception, code: int):
+    for line in str(err).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _spec(cfg: DictConfig, num_classes: int | None = None):
+    return architectures.build_spec(cfg.arch.name, num_classes or cfg.arch.num_classes,
+                                    cfg.arch.in_channels, **cfg.arch.get("options", {}))
+
+
+def _backend(cfg: DictConfig, run_dir: Path):
+    from runners import load_backend
+    try:
+        return load_backend(cfg.backend.name)(cfg, run_dir)
+    except KeyError as err:
+        raise ConfigError(f"backend.name: {err.args[0]}") from None
+
+
+def _base_results(cfg: DictConfig, analysis) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "task": cfg.task, "status": "ok",
+            "arch": analysis.spec.name, "backend": cfg.backend.name,
+            "input_shape": list(analysis.input_shape), "num_classes": analysis.spec.num_classes,
+            "params": analysis.params, "flops": analysis.flops}
+
+
+def summary(cfg: DictConfig, run_dir: Path, build_native: bool):
+    from .summary import layer_rows, print_table
+
+    spec = _spec(cfg)
+    analysis = spec.analyze(cfg.arch.input_size)
+    min_size = spec.min_input_size()
+    print_table(analysis, min_size)
+    results = {**_base_results(cfg, analysis), "min_input_size": min_size,
+               "layers": layer_rows(analysis)}
+    if build_native:
+        backend = _backend(cfg, run_dir)
+        native = backend.count_params(backend.build(spec, cfg.arch.input_size))
+        results["native_params"] = native
+        print(f"native {cfg.backend.name} parameters: {native:,}"
+              + ("" if native == analysis.params else "  (DIFFERS from the spec)"))
+    write_json(run_dir / "results.json", results)
+    return analysis.params
+
+
+def train(cfg: DictConfig, run_dir: Path):
+    from export import export_and_verify
+
+    from .data import DataError, Preprocess, load_dataset
+
+    t_start = time.perf_counter()
+    dataset = load_dataset(cfg.data, cfg.seed)
+    num_classes = cfg.arch.num_classes or dataset.num_classes
+    if num_classes < dataset.num_classes:
+        raise DataError(f"arch.num_classes={num_classes} but data '{dataset.name}' has "
+                        f"{dataset.num_classes} classes: set arch.num_classes=null")
+    spec = _spec(cfg, num_classes)
+    analysis = spec.analyze(cfg.arch.input_size)
+    channels = cfg.arch.in_channels
+    preprocess = Preprocess(cfg.arch.input_size, channels,
+                            _per_channel(cfg.data.mean, channels), _per_channel(cfg.data.std, channels),
+                            cfg.data.interpolation)
+    train_split, val_split = dataset.split(preprocess, cfg.data.val_fraction, cfg.seed,
+                                           cfg.data.limit)
+
+    backend = _backend(cfg, run_dir)
+    model = backend.build(spec, cfg.arch.input_size)
+    native_params = backend.count_params(model)
+    if native_params != analysis.params:
+        raise RunFailed(f"{cfg.backend.name} built {native_params:,} trainable parameters for "
+                        f"{spec.name}, the spec has {analysis.params:,}: backend bug")
+    print(f"{spec.name}: {analysis.params:,} parameters, input "
+          f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
+          f"{len(val_split)} val images; backend {cfg.backend.name}")
+    report = backend.train(model, train_split, val_split)
+    if not backend.is_main_process:
+        return None  # worker process of multi-process training: rank 0 reports and exports
+
+    history = report.history
+    metrics = dict(history[-1]) if history else {}
+    metrics.pop("epoch_time_s", None)
+    metrics["best_val_acc"] = max((r.get("val_acc", 0.0) for r in history), default=None)
+    results = {**_base_results(cfg, analysis), "native_params": native_params,
+               "seed": cfg.seed,
+               "hardware": {**OmegaConf.to_container(cfg.hardware), **report.extra},
+               "data": {"name": dataset.name, "train_images": len(train_split),
+                        "val_images": len(val_split), "classes": dataset.classes,
+                        "preprocess": preprocess.metadata()},
+               "metrics": metrics,
+               "timings": {"train_s": round(report.train_time_s, 3),
+                           "images_per_s": round(report.images_per_s, 1)},
+               "checkpoint": _relative(report.checkpoint, run_dir),
+               "versions": package_versions()}
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    failure = None
+    if cfg.export.enabled:
+        n = min(cfg.export.num_images, len(val_split))
+        images, _ = val_split.batch(0, n)
+        metadata = {"arch": spec.name, "backend": cfg.backend.name,
+                    "input_shape": ["N", *analysis.input_shape], "num_classes": num_classes,
+                    "class_names": dataset.classes, "preprocess": preprocess.metadata(),
+                    "params": analysis.params, "versions": results["versions"]}
+        block, verification = export_and_verify(backend, model, images, cfg.export,
+                                                run_dir / "model.onnx", metadata,
+                                                cfg.hardware.threads)
+        results["export"] = block
+        if verification is not None:
+            print(f"ONNX verification of {block['path']} against {cfg.backend.name} "
+                  f"({verification.providers[0]}):")
+            print("\n".join(verification.lines()))
+            if not verification.passed:
+                results["status"] = "verification_failed"
+                failure = (f"ONNX verification failed: max abs diff {block['max_abs_diff']:.3g}, "
+                           f"top-1 agreement {block['top1_agreement']:.3f} (atol {cfg.export.atol:g},"
+                           f" rtol {cfg.export.rtol:g}); see {run_dir / 'results.json'}")
+    results["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    write_json(run_dir / "results.json", results)
+    if failure:
+        raise RunFailed(failure)
+    print(f"done: val_acc {metrics.get('val_acc', float('nan')):.4f}, "
+          f"{report.images_per_s:.0f} images/s; results in {run_dir}")
+    return metrics.get(cfg.optimized_metric)
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values
+
+
+def _relative(path, run_dir: Path):
+    return None if path is None else str(Path(path).relative_to(run_dir))

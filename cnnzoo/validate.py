@@ -1,0 +1,123 @@
+"""Check the composed config before anything heavy is imported: one line per mistake, naming the
+key, the bad value and what is allowed. Only architectures (pure Python) is imported here."""
+from __future__ import annotations
+
+from numbers import Real
+
+from omegaconf import DictConfig, OmegaConf
+
+import architectures
+from architectures import ShapeError
+
+TASKS = ("train", "summary")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "cosine")
+ACCELERATORS = ("auto", "cpu", "gpu")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+DATASETS = ("digits", "synthetic")
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found, one per line."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _rules(cfg: DictConfig):
+    """key -> (type check, range check, what is allowed) for every core option."""
+    pos_int = (_is_int, lambda v: v > 0, "a positive integer")
+    nonneg_int = (_is_int, lambda v: v >= 0, "an integer >= 0")
+    pos_num = (_is_num, lambda v: v > 0, "a positive number")
+    nonneg_num = (_is_num, lambda v: v >= 0, "a number >= 0")
+    fraction = (_is_num, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+    one_of = lambda choices: (lambda v: isinstance(v, str), lambda v: v in choices,  # noqa: E731
+                              "one of " + ", ".join(choices))
+    optional = lambda rule: (lambda v: v is None or rule[0](v),  # noqa: E731
+                             lambda v: v is None or rule[1](v), rule[2] + " or null")
+    limit = (_is_num, lambda v: v > 0 and (v <= 1 or float(v).is_integer()),
+             "a fraction in (0, 1] or a whole number of batches")
+    table = {
+        "task": one_of(TASKS),
+        "seed": nonneg_int,
+        "optimized_metric": one_of(METRICS),
+        "arch.input_size": pos_int,
+        "arch.in_channels": pos_int,
+        "arch.num_classes": optional((_is_int, lambda v: v >= 2, "an integer >= 2")),
+        "data.name": one_of(DATASETS),
+        "data.batch_size": pos_int,
+        "data.val_fraction": fraction,
+        "data.limit": optional(pos_int),
+        "data.interpolation": one_of(INTERPOLATIONS),
+        "optim.name": one_of(OPTIMIZERS),
+        "optim.lr": pos_num,
+        "optim.weight_decay": nonneg_num,
+        "optim.scheduler": one_of(SCHEDULERS),
+        "trainer.max_epochs": pos_int,
+        "trainer.limit_train_batches": limit,
+        "trainer.limit_val_batches": limit,
+        "hardware.accelerator": one_of(ACCELERATORS),
+        "hardware.devices": pos_int,
+        "hardware.precision": one_of(PRECISIONS),
+        "hardware.threads": optional(pos_int),
+        "export.opset": (_is_int, lambda v: 13 <= v <= 23, "an integer from 13 to 23"),
+        "export.atol": nonneg_num,
+        "export.rtol": nonneg_num,
+        "export.min_top1_agreement": (_is_num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "export.num_images": pos_int,
+    }
+    if cfg.optim.get("momentum") is not None:
+        table["optim.momentum"] = (_is_num, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if cfg.data.get("name") == "synthetic":
+        table.update({"data.num_samples": (_is_int, lambda v: v >= 4, "an integer >= 4"),
+                      "data.num_classes": (_is_int, lambda v: v >= 2, "an integer >= 2"),
+                      "data.image_size": pos_int, "data.channels": pos_int})
+    return table
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every mistake in ``cfg``; return quietly when it is sound."""
+    errors = []
+    for key, (type_ok, range_ok, allowed) in _rules(cfg).items():
+        value = OmegaConf.select(cfg, key)
+        if not type_ok(value) or not range_ok(value):
+            errors.append(f"{key}={value!r} is invalid: expected {allowed}")
+    for key in ("data.mean", "data.std"):
+        values = OmegaConf.select(cfg, key)
+        if not values or any(not _is_num(v) for v in values) or (
+                key == "data.std" and any(v <= 0 for v in values)):
+            errors.append(f"{key}={values!r} is invalid: expected a list of numbers "
+                          f"(std > 0), one per channel or one for all")
+        elif len(values) not in (1, cfg.arch.in_channels):
+            errors.append(f"{key} has {len(values)} values but arch.in_channels is "
+                          f"{cfg.arch.in_channels}: give 1 or {cfg.arch.in_channels}")
+    sizes = cfg.export.batch_sizes
+    if not sizes or any(not _is_int(b) or b < 1 for b in sizes):
+        errors.append(f"export.batch_sizes={list(sizes) if sizes else sizes!r} is invalid: "
+                      "expected a non-empty list of positive integers")
+    if not errors:
+        errors += _check_arch(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def _check_arch(cfg: DictConfig) -> list[str]:
+    try:
+        spec = architectures.build_spec(cfg.arch.name, cfg.arch.num_classes, cfg.arch.in_channels,
+                                        **cfg.arch.get("options", {}))
+    except KeyError as err:
+        return [f"arch.name: {err.args[0]}"]
+    except (TypeError, ValueError) as err:
+        return [f"arch.options for {cfg.arch.name}: {err}"]
+    try:
+        spec.check_input_size(cfg.arch.input_size)
+    except ShapeError as err:
+        return [f"arch.input_size={cfg.arch.input_size}: {err}"]
+    return []

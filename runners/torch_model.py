@@ -1,0 +1,97 @@
+"""Translate a Spec into a PyTorch ``nn.Module`` (NCHW), one torch layer per spec node."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from architectures import spec as S
+
+
+class _Concat(nn.Module):
+    def forward(self, *xs):
+        return torch.cat(xs, dim=1)
+
+
+class _Add(nn.Module):
+    def forward(self, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def torch_layer(layer: S.Layer, in_shape: tuple[int, ...]) -> nn.Module:
+    if isinstance(layer, S.Conv2d):
+        return nn.Conv2d(in_shape[0], layer.out_channels, S.pair(layer.kernel),
+                         S.pair(layer.stride), S.pair(layer.padding), S.pair(layer.dilation),
+                         layer.groups, layer.bias)
+    if isinstance(layer, S.BatchNorm):
+        bn = nn.BatchNorm2d if len(in_shape) == 3 else nn.BatchNorm1d
+        return bn(in_shape[0], eps=layer.eps, momentum=layer.momentum)
+    if isinstance(layer, S.Activation):
+        return _ACTIVATIONS[layer.kind]()
+    if isinstance(layer, S.MaxPool):
+        return nn.MaxPool2d(layer.kernel, layer.stride, layer.padding, ceil_mode=layer.ceil_mode)
+    if isinstance(layer, S.AvgPool):
+        return nn.AvgPool2d(layer.kernel, layer.stride, layer.padding, ceil_mode=layer.ceil_mode,
+                            count_include_pad=layer.count_include_pad)
+    if isinstance(layer, S.AdaptiveAvgPool):
+        return nn.AdaptiveAvgPool2d(S.pair(layer.output_size))
+    if isinstance(layer, S.GlobalAvgPool):
+        return nn.AdaptiveAvgPool2d(1)
+    if isinstance(layer, S.Flatten):
+        return nn.Flatten()
+    if isinstance(layer, S.Dense):
+        return nn.Linear(in_shape[0], layer.out_features, layer.bias)
+    if isinstance(layer, S.Dropout):
+        return nn.Dropout(layer.p)
+    if isinstance(layer, S.Concat):
+        return _Concat()
+    if isinstance(layer, S.Add):
+        return _Add()
+    if isinstance(layer, S.Scale):
+        return _Scale(layer.factor)
+    raise TypeError(f"torch backend cannot build {type(layer).__name__}")
+
+
+class SpecModule(nn.Module):
+    """Runs the spec's nodes in order; each output is dropped after its last use."""
+
+    def __init__(self, spec: S.Spec, input_size: int):
+        super().__init__()
+        analysis = spec.analyze(input_size)
+        # ModuleDict keys cannot contain dots; spec names map 1:1 to these keys
+        self.layers = nn.ModuleDict({self.key(r.node.name): torch_layer(r.node.layer, r.in_shape)
+                                     for r in analysis.layers})
+        last_use = {}
+        for i, node in enumerate(spec.nodes):
+            for name in node.inputs:
+                last_use[name] = i
+        self._plan = [(self.key(n.name), n.name, n.inputs,
+                       tuple(x for x in dict.fromkeys(n.inputs) if last_use[x] == i))
+                      for i, n in enumerate(spec.nodes)]
+        self.output = spec.output
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "_")
+
+    def forward(self, x):
+        values = {S.INPUT: x}
+        for key, name, inputs, done in self._plan:
+            values[name] = self.layers[key](*[values[i] for i in inputs])
+            for used in done:
+                del values[used]
+        return values[self.output]

@@ -1,0 +1,218 @@
+"""PyTorch backend: the spec as an ``nn.Module``, trained with PyTorch Lightning."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from cnnzoo.compat import tensorboard_without_tensorflow
+from cnnzoo.rundir import MetricsLog
+
+from .base import Backend, TrainReport
+from .torch_model import SpecModule
+
+# Lightning's tips (num_workers, logger suggestions) are noise for this product's users
+for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging.*")
+warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy training of a SpecModule with the config's optimizer and schedule."""
+
+    def __init__(self, net: SpecModule, optim_cfg, max_epochs: int, channels_last: bool):
+        super().__init__()
+        self.net, self.optim_cfg, self.max_epochs = net, optim_cfg, max_epochs
+        self.channels_last = channels_last
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        # epoch means, averaged over processes under DDP (a no-op on one device)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
+                 sync_dist=True)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        params = self.net.parameters()
+        if c.name == "sgd":
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                  weight_decay=c.weight_decay)
+        elif c.name == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.max_epochs)
+            return {"optimizer": opt, "lr_scheduler": sched}
+        return opt
+
+
+class _EpochLog(Callback):
+    """Writes metrics.csv (the columns every backend shares) and times the training epochs,
+    excluding validation, so images/s is comparable across backends."""
+
+    def __init__(self, log: MetricsLog | None):
+        self.metrics_log, self.rows, self.train_time, self.images = log, [], 0.0, 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0, self._val_time = time.perf_counter(), 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._v0 = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._val_time += time.perf_counter() - self._v0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[1]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        elapsed = time.perf_counter() - self._t0
+        self.train_time += elapsed - self._val_time
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1, "epoch_time_s": elapsed,
+               "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        row.update({k: float(m[k]) for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+                    if k in m})
+        self.rows.append(row)
+        if self.metrics_log is not None and trainer.is_global_zero:
+            self.metrics_log.append(row)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        if cfg.hardware.threads:
+            torch.set_num_threads(cfg.hardware.threads)
+        self._trainer = None
+
+    @property
+    def is_main_process(self) -> bool:
+        if self._trainer is not None:
+            return self._trainer.is_global_zero
+        return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+    def build(self, spec, input_size):
+        pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        net = SpecModule(spec, input_size)
+        if self.cfg.backend.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def count_params(self, model) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def _loaders(self, train, val):
+        c = self.cfg
+        kw = dict(batch_size=c.data.batch_size, num_workers=c.backend.num_workers,
+                  persistent_workers=c.backend.num_workers > 0)
+        gen = torch.Generator().manual_seed(c.seed)  # data order from the run's seed
+        return (torch.utils.data.DataLoader(train, shuffle=True, generator=gen, **kw),
+                torch.utils.data.DataLoader(val, shuffle=False, **kw))
+
+    def train(self, model, train, val) -> TrainReport:
+        c, hw = self.cfg, self.cfg.hardware
+        ckpt_dir = self.run_dir / "checkpoints"
+        # one file, rewritten after every epoch: the full training state to resume from
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True)
+        epoch_log = _EpochLog(MetricsLog(self.run_dir / "metrics.csv") if self.is_main_process
+                              else None)
+        self._trainer = trainer = pl.Trainer(
+            accelerator=hw.accelerator, devices=hw.devices, strategy=hw.strategy,
+            precision=hw.precision, max_epochs=c.trainer.max_epochs,
+            limit_train_batches=_limit(c.trainer.limit_train_batches),
+            limit_val_batches=_limit(c.trainer.limit_val_batches),
+            deterministic=c.trainer.deterministic, enable_progress_bar=c.trainer.progress_bar,
+            callbacks=[checkpoint, epoch_log], logger=self._logger(), default_root_dir=self.run_dir,
+            enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
+        train_loader, val_loader = self._loaders(train, val)
+        trainer.fit(Classifier(model, c.optim, c.trainer.max_epochs, c.backend.channels_last),
+                    train_loader, val_loader)
+        seconds = max(epoch_log.train_time, 1e-9)
+        last = ckpt_dir / "last.ckpt"
+        return TrainReport(history=epoch_log.rows, train_time_s=seconds,
+                           images_per_s=epoch_log.images / seconds,
+                           checkpoint=last if last.exists() else None,
+                           extra={"device": str(trainer.strategy.root_device)})
+
+    def _logger(self):
+        tensorboard_without_tensorflow()
+        try:
+            from pytorch_lightning.loggers import TensorBoardLogger
+            return TensorBoardLogger(self.run_dir, name="tensorboard", version="",
+                                     default_hp_metric=False)
+        except ModuleNotFoundError:  # tensorboard is optional for this backend
+            return False
+
+    def evaluate(self, model, split) -> dict[str, float]:
+        loss = correct = 0.0
+        step = self.cfg.data.batch_size
+        for start in range(0, len(split), step):
+            x, y = split.batch(start, start + step)
+            logits = torch.from_numpy(self.predict(model, x))
+            loss += F.cross_entropy(logits, torch.from_numpy(y), reduction="sum").item()
+            correct += (logits.argmax(1).numpy() == y).sum()
+        return {"loss": loss / len(split), "acc": float(correct) / len(split)}
+
+    def predict(self, model, images: np.ndarray) -> np.ndarray:
+        model = model.cpu().float().eval()
+        with torch.inference_mode():
+            return model(torch.from_numpy(images)).numpy()
+
+    def save_checkpoint(self, model, path: Path) -> None:
+        torch.save(model.state_dict(), path)
+
+    def load_checkpoint(self, model, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
+        if "state_dict" in state:  # a Lightning checkpoint: weights live under "net."
+            state = {k[len("net."):]: v for k, v in state["state_dict"].items()
+                     if k.startswith("net.")}
+        model.load_state_dict(state)
+
+    def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
+        model = model.cpu().float().eval()
+        batch = torch.export.Dim("batch")  # traced at batch 2, valid for any batch
+        # the exporter's progress lines and "torchvision is not installed" notes are noise here
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        for name in ("onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.from_numpy(example),), str(path), dynamo=True,
+                              external_data=False, opset_version=opset, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes=({0: batch},),
+                              verbose=False)
+
+
+def _limit(v):
+    """Lightning reads 1.0 as a fraction and 1 as one batch: keep whole numbers as ints."""
+    return int(v) if v > 1 else float(v)

@@ -1,0 +1,91 @@
+"""Shared helpers: run ``run.py`` in a real subprocess and compose configs with Hydra's API."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder, Scale
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMEWORKS = ("torch", "tensorflow", "keras", "mxnet", "pytorch_lightning")
+
+# Runs run.py as a user would, then reports which frameworks the process imported.
+_PROBE = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('FRAMEWORKS_LOADED=' + ','.join("
+    f"m for m in {FRAMEWORKS!r} if m in sys.modules)))\n"
+    "sys.argv = ['run.py', *sys.argv[1:]]\n"
+    "runpy.run_path('run.py', run_name='__main__')\n"
+)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def frameworks(self) -> set[str]:
+        line = [ln for ln in self.stdout.splitlines() if ln.startswith("FRAMEWORKS_LOADED=")][-1]
+        return {m for m in line.split("=", 1)[1].split(",") if m}
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.stderr.splitlines() if ln.startswith("error:")]
+
+    def results(self) -> dict:
+        return json.loads((self.run_dir / "results.json").read_text())
+
+
+def run_cli(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None = None) -> CliResult:
+    """``python run.py <overrides> hydra.run.dir=<run_dir>`` in a subprocess, from the repo root."""
+    args = [*overrides] + ([] if any(a.startswith("--") for a in overrides)
+                           else [f"hydra.run.dir={run_dir}"])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return lambda *overrides, **kw: run_cli(tmp_path / "run", *overrides, **kw)
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def config_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def toy_spec(num_classes=5, in_channels=3):
+    """Inception branches, a residual addition, grouped and depthwise-separable convolutions."""
+    g = GraphBuilder("toy", in_channels, num_classes, 32)
+    x = g.act(g.bn(g.conv(INPUT, 16, 3, stride=2, padding=1, bias=False, name="stem.conv"),
+                   eps=1e-3, name="stem.bn"), name="stem.relu")
+    b1 = g.conv(x, 8, 1, name="mixed.b1")
+    b2 = g.conv(g.conv(x, 8, 1, name="mixed.b2a"), 12, (1, 3), padding=(0, 1), name="mixed.b2b")
+    b3 = g.conv(g.max_pool(x, 3, 1, 1, name="mixed.b3pool"), 4, 1, name="mixed.b3")
+    x = g.concat(b1, b2, b3, name="mixed")                       # 8 + 12 + 4 = 24 channels
+    r = g.conv(x, 24, 3, padding=1, groups=4, bias=False, name="res.grouped")
+    r = g.add(Scale(0.17), r, name="res.scale")                  # Inception-ResNet style
+    x = g.act(g.sum(x, r, name="res.add"), name="res.relu")
+    x = g.conv(x, 24, 3, padding=1, groups=24, bias=False, name="sep.depthwise")
+    x = g.conv(x, 32, 1, bias=False, name="sep.pointwise")
+    x = g.avg_pool(x, 3, 2, 1, count_include_pad=False, name="pool")
+    x = g.flatten(g.add(GlobalAvgPool(), x, name="gap"), name="flat")
+    x = g.dropout(x, 0.2, name="drop")
+    g.dense(x, num_classes, name="fc")
+    return g.build()

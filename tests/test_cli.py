@@ -1,0 +1,143 @@
+"""End to end through ``python run.py``, as a user runs it: real subprocesses, real files."""
+import csv
+import json
+import re
+
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_job_trains_exports_and_verifies(cli):
+    r = cli()
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = r.results()
+    assert (res["task"], res["arch"], res["backend"], res["status"]) == (
+        "train", "lenet5", "torch", "ok")
+    assert res["params"] == res["native_params"] == 61_706
+    assert res["input_shape"] == [1, 32, 32] and res["num_classes"] == 10
+    assert res["metrics"]["val_acc"] >= 0.95
+    assert res["timings"]["images_per_s"] > 0 and res["timings"]["total_s"] > 0
+    assert res["export"]["passed"] is True and res["export"]["opset"] == 18
+    assert res["export"]["max_abs_diff"] <= 1e-4
+    assert {b["batch_size"] for b in res["export"]["batches"]} == {1, 32}
+    assert res["versions"]["torch"].startswith("2.")
+    # the files a run promises
+    rows = list(csv.DictReader((r.run_dir / "metrics.csv").open()))
+    assert len(rows) == 10 and [int(row["epoch"]) for row in rows] == list(range(1, 11))
+    assert float(rows[-1]["val_acc"]) == pytest.approx(res["metrics"]["val_acc"], abs=1e-5)
+    assert (r.run_dir / "checkpoints" / "last.ckpt").stat().st_size > 0
+    assert list((r.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "task: train" in (r.run_dir / "config.yaml").read_text()
+    meta = {p.key: p.value for p in onnx.load(str(r.run_dir / "model.onnx")).metadata_props}
+    assert meta["arch"] == "lenet5" and json.loads(meta["class_names"])[3] == "3"
+    assert json.loads(meta["preprocess"])["resize"] == [32, 32]
+    # backend=torch never loads the other frameworks
+    assert "torch" in r.frameworks
+    assert not r.frameworks & {"tensorflow", "keras", "mxnet"}
+
+
+def test_vgg_alias_trains_at_small_input(cli):
+    r = cli("arch=vgg", "arch.input_size=32", "data.limit=96", "trainer.max_epochs=1",
+            "export.num_images=8", "export.batch_sizes=[1,8]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = r.results()
+    assert res["arch"] == "vgg16" and res["input_shape"] == [3, 32, 32]
+    assert res["params"] == res["native_params"]
+    assert res["export"]["passed"] is True
+
+
+def test_summary_prints_table_without_any_framework(cli):
+    r = cli("task=summary", "arch=vgg16")
+    assert r.returncode == 0, r.stderr
+    assert "138,357,544" in r.stdout and "conv5_3" in r.stdout and "minimum input size: 32" in r.stdout
+    assert r.frameworks == set()
+    res = r.results()
+    assert res["params"] == 138_357_544 and "native_params" not in res
+    assert res["layers"][0]["name"] == "conv1_1" and res["layers"][-1]["output_shape"] == [1000]
+    assert sum(layer["params"] for layer in res["layers"]) == res["params"]
+    assert sum(layer["flops"] for layer in res["layers"]) == res["flops"] == 30_940_528_640
+
+
+def test_summary_with_backend_reports_native_params(cli):
+    r = cli("task=summary", "arch=lenet5", "backend=torch")
+    assert r.returncode == 0, r.stderr
+    assert r.results()["native_params"] == r.results()["params"] == 61_706
+    assert "native torch parameters: 61,706" in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
+def test_help_and_cfg_import_no_framework(cli, flag):
+    r = cli(flag)
+    assert r.returncode == 0, r.stderr
+    assert r.frameworks == set()
+    if flag == "--help":
+        assert "Usage: python run.py" in r.stdout
+        assert re.search(r"^arch: .*lenet5.*vgg16", r.stdout, re.M)
+    else:
+        assert "name: lenet5" in r.stdout and "task: train" in r.stdout
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("arch=resnet9000", ["lenet5", "vgg16"]),
+    ("backend=caffe", ["torch"]),
+])
+def test_unknown_choice_lists_valid_ones(cli, override, expected):
+    r = cli(override)
+    assert r.returncode != 0
+    assert all(choice in r.stderr for choice in expected)
+    assert r.frameworks == set()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("arch.input_size=16", "arch.input_size"),
+    ("optim.lr=-0.1", "optim.lr"),
+    ("data.batch_size=0", "data.batch_size"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero_exit(cli, override, key):
+    r = cli(override)
+    assert r.returncode == 2
+    assert len(r.error_lines) == 1 and r.error_lines[0].startswith(f"error: {key}")
+    assert "Traceback" not in r.stderr
+    assert r.frameworks == set()  # rejected before any framework is imported
+    assert not (r.run_dir / "results.json").exists()
+
+
+def test_failed_verification_fails_the_run(cli):
+    r = cli("trainer.max_epochs=1", "export.atol=0", "export.rtol=0")
+    assert r.returncode == 1
+    assert r.error_lines and "ONNX verification failed" in r.error_lines[0]
+    res = r.results()  # the evidence is kept
+    assert res["status"] == "verification_failed" and res["export"]["passed"] is False
+    assert (r.run_dir / "model.onnx").exists()
+
+
+def test_third_party_backend_plugs_in_through_entry_point_and_searchpath(cli, tmp_path):
+    """An installed distribution with a cnnzoo.backends entry point and its own backend config."""
+    pkg = tmp_path / "site"
+    (pkg / "mybackend" / "conf" / "backend").mkdir(parents=True)
+    (pkg / "mybackend" / "__init__.py").write_text(
+        "from runners.torch_runner import TorchBackend\n\n"
+        "class MyBackend(TorchBackend):\n    name = 'mine'\n")
+    (pkg / "mybackend" / "conf" / "backend" / "mine.yaml").write_text(
+        "name: mine\nchannels_last: false\nnum_workers: 0\n")
+    dist = pkg / "mybackend-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mybackend\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[cnnzoo.backends]\nmine = mybackend:MyBackend\n")
+    r = cli("task=summary", "arch=lenet5", "backend=mine",
+            f"hydra.searchpath=[file://{pkg / 'mybackend' / 'conf'}]", env={"PYTHONPATH": str(pkg)})
+    assert r.returncode == 0, r.stderr
+    assert "native mine parameters: 61,706" in r.stdout
+    assert r.results()["backend"] == "mine"
+
+
+def test_ddp_on_two_cpu_processes_writes_one_run_directory(cli):
+    r = cli("hardware=ddp_cpu", "trainer.max_epochs=1", "export.batch_sizes=[1,8]",
+            "export.num_images=16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = r.results()
+    assert res["hardware"]["devices"] == 2 and res["export"]["passed"] is True
+    assert len(list(csv.DictReader((r.run_dir / "metrics.csv").open()))) == 1  # rank 0 only
+    assert (r.run_dir / "train_ddp_process_1.log").exists()  # the worker used the same directory
