@@ -141,6 +141,10 @@ class Spec:
     num_classes: int
     nodes: tuple[Node, ...]  # topological order; the last node is the output (logits)
     input_size: int  # canonical input size (square)
+    # auxiliary classifiers (GoogLeNet, Inception-v3): logits nodes used only in training, where
+    # the loss is main + aux_weight * sum(aux losses); inference and export use the output alone
+    aux_outputs: tuple[str, ...] = ()
+    aux_weight: float = 0.0
 
     @property
     def output(self) -> str:
@@ -232,15 +236,15 @@ class Analysis:
 def _window(size: int, k: int, s: int, p: int, d: int = 1, ceil_mode: bool = False) -> int:
     """The textbook out = (W - F + 2P) / S + 1, with PyTorch's ceil-mode correction."""
     span = d * (k - 1) + 1
-    if size + 2 * p < span:
-        padded = f" (+{p} padding each side)" if p else ""
-        raise ShapeError(f"its input is {size} wide{padded}, smaller than the {span}-wide window")
-    if ceil_mode:
+    if ceil_mode:  # windows may hang over the edge, as long as each one starts inside
         out = math.ceil((size + 2 * p - span) / s) + 1
         if (out - 1) * s >= size + p:  # the last window would start in the right padding
             out -= 1
     else:
         out = (size + 2 * p - span) // s + 1
+    if out < 1:
+        padded = f" (+{p} padding each side)" if p else ""
+        raise ShapeError(f"its input is {size} wide{padded}, too small for the {span}-wide window")
     return out
 
 
@@ -399,8 +403,13 @@ class GraphBuilder:
     def sum(self, *xs, name=None):
         return self.add(Add(), *xs, name=name)
 
-    def build(self) -> Spec:
+    def build(self, aux_outputs: tuple[str, ...] = (), aux_weight: float = 0.0) -> Spec:
+        """The Spec; its output is the last node added. ``aux_outputs`` name training-only
+        classifier heads (see Spec)."""
         if not self._nodes:
             raise ValueError(f"{self.name} has no layers")
+        unknown = [a for a in aux_outputs if a not in self._names]
+        if unknown:
+            raise ValueError(f"unknown auxiliary outputs {unknown} in {self.name}")
         return Spec(self.name, self.in_channels, self.num_classes, tuple(self._nodes),
-                    self.input_size)
+                    self.input_size, tuple(aux_outputs), aux_weight)

@@ -36,3 +36,8 @@ def _vgg(name: str, num_classes: int, in_channels: int, input_size: int, dropout
 @register("vgg16", input_size=224, aliases=("vgg",), reference="torchvision vgg16")
 def vgg16(num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5):
     return _vgg("vgg16", num_classes, in_channels, input_size, dropout)
+
+
+@register("vgg19", input_size=224, reference="torchvision vgg19")
+def vgg19(num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5):
+    return _vgg("vgg19", num_classes, in_channels, input_size, dropout)

@@ -10,7 +10,7 @@ import architectures
 from architectures import ShapeError
 
 TASKS = ("train", "summary")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
@@ -73,8 +73,11 @@ def _rules(cfg: DictConfig):
         "export.min_top1_agreement": (_is_num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "export.num_images": pos_int,
     }
-    if cfg.optim.get("momentum") is not None:
-        table["optim.momentum"] = (_is_num, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    for key in ("momentum", "alpha"):  # optimizer-specific keys, checked where present
+        if cfg.optim.get(key) is not None:
+            table[f"optim.{key}"] = (_is_num, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if cfg.optim.get("eps") is not None:
+        table["optim.eps"] = pos_num
     if cfg.data.get("name") == "synthetic":
         table.update({"data.num_samples": (_is_int, lambda v: v >= 4, "an integer >= 4"),
                       "data.num_classes": (_is_int, lambda v: v >= 2, "an integer >= 2"),

@@ -67,7 +67,10 @@ def torch_layer(layer: S.Layer, in_shape: tuple[int, ...]) -> nn.Module:
 
 
 class SpecModule(nn.Module):
-    """Runs the spec's nodes in order; each output is dropped after its last use."""
+    """Runs the spec's nodes in order; each output is dropped after its last use.
+
+    In training, a spec with auxiliary classifiers returns ``(logits, *aux_logits)``; in eval
+    mode (inference, export) it returns the logits alone and skips the auxiliary heads."""
 
     def __init__(self, spec: S.Spec, input_size: int):
         super().__init__()
@@ -75,23 +78,35 @@ class SpecModule(nn.Module):
         # ModuleDict keys cannot contain dots; spec names map 1:1 to these keys
         self.layers = nn.ModuleDict({self.key(r.node.name): torch_layer(r.node.layer, r.in_shape)
                                      for r in analysis.layers})
-        last_use = {}
-        for i, node in enumerate(spec.nodes):
-            for name in node.inputs:
-                last_use[name] = i
-        self._plan = [(self.key(n.name), n.name, n.inputs,
-                       tuple(x for x in dict.fromkeys(n.inputs) if last_use[x] == i))
-                      for i, n in enumerate(spec.nodes)]
-        self.output = spec.output
+        self.output, self.aux_outputs, self.aux_weight = spec.output, spec.aux_outputs, spec.aux_weight
+        self._train_plan = self._plan(spec.nodes, (spec.output, *spec.aux_outputs))
+        self._eval_plan = self._plan(spec.nodes, (spec.output,))
+
+    @classmethod
+    def _plan(cls, nodes, outputs):
+        """The nodes ``outputs`` need, each with the inputs that are used for the last time."""
+        needed = set(outputs)
+        for node in reversed(nodes):
+            if node.name in needed:
+                needed.update(node.inputs)
+        nodes = [n for n in nodes if n.name in needed]
+        last_use = {name: i for i, n in enumerate(nodes) for name in n.inputs}
+        return [(cls.key(n.name), n.name, n.inputs,
+                 tuple(x for x in dict.fromkeys(n.inputs)
+                       if last_use[x] == i and x not in outputs))
+                for i, n in enumerate(nodes)]
 
     @staticmethod
     def key(name: str) -> str:
         return name.replace(".", "_")
 
     def forward(self, x):
+        with_aux = self.training and bool(self.aux_outputs)
         values = {S.INPUT: x}
-        for key, name, inputs, done in self._plan:
+        for key, name, inputs, done in self._train_plan if with_aux else self._eval_plan:
             values[name] = self.layers[key](*[values[i] for i in inputs])
             for used in done:
                 del values[used]
+        if with_aux:
+            return (values[self.output], *(values[a] for a in self.aux_outputs))
         return values[self.output]

@@ -42,8 +42,10 @@ class Classifier(pl.LightningModule):
 
     def _step(self, batch, stage: str):
         x, y = batch
-        logits = self(x)
+        logits, *aux = self(x) if stage == "train" and self.net.aux_outputs else (self(x),)
         loss = F.cross_entropy(logits, y)
+        if aux:  # auxiliary classifiers (GoogLeNet, Inception-v3) add their weighted losses
+            loss = loss + self.net.aux_weight * sum(F.cross_entropy(a, y) for a in aux)
         acc = (logits.argmax(1) == y).float().mean()
         # epoch means, averaged over processes under DDP (a no-op on one device)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
@@ -65,6 +67,10 @@ class Classifier(pl.LightningModule):
                                   weight_decay=c.weight_decay)
         elif c.name == "adam":
             opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        elif c.name == "rmsprop":  # defaults: the Inception papers' decay 0.9 and eps 1.0
+            opt = torch.optim.RMSprop(params, lr=c.lr, alpha=c.get("alpha", 0.9),
+                                      eps=c.get("eps", 1.0), momentum=c.momentum,
+                                      weight_decay=c.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         if c.scheduler == "cosine":

@@ -6,6 +6,8 @@ import re
 import onnx
 import pytest
 
+import architectures
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,16 +38,6 @@ def test_default_job_trains_exports_and_verifies(cli):
     # backend=torch never loads the other frameworks
     assert "torch" in r.frameworks
     assert not r.frameworks & {"tensorflow", "keras", "mxnet"}
-
-
-def test_vgg_alias_trains_at_small_input(cli):
-    r = cli("arch=vgg", "arch.input_size=32", "data.limit=96", "trainer.max_epochs=1",
-            "export.num_images=8", "export.batch_sizes=[1,8]")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = r.results()
-    assert res["arch"] == "vgg16" and res["input_shape"] == [3, 32, 32]
-    assert res["params"] == res["native_params"]
-    assert res["export"]["passed"] is True
 
 
 def test_summary_prints_table_without_any_framework(cli):
@@ -141,3 +133,25 @@ def test_ddp_on_two_cpu_processes_writes_one_run_directory(cli):
     assert res["hardware"]["devices"] == 2 and res["export"]["passed"] is True
     assert len(list(csv.DictReader((r.run_dir / "metrics.csv").open()))) == 1  # rank 0 only
     assert (r.run_dir / "train_ddp_process_1.log").exists()  # the worker used the same directory
+
+
+# vgg16 runs under its alias "vgg", as `python run.py arch=vgg arch.input_size=32` in the README
+ARCH_RUNS = [("vgg" if name == "vgg16" else name, []) for name in architectures.list_archs()] + [
+    ("inception_v1", ["arch.options.aux_logits=true"]),
+    ("inception_v3", ["arch.options.aux_logits=true"]),  # its aux head needs the full 299
+]
+
+
+@pytest.mark.parametrize("arch, extra", ARCH_RUNS,
+                         ids=[a + ("-aux" if e else "") for a, e in ARCH_RUNS])
+def test_every_architecture_trains_one_epoch_and_exports(cli, arch, extra):
+    spec = architectures.build_spec(arch, **({"aux_logits": True} if extra else {}))
+    size = max(spec.min_input_size(), 32)
+    r = cli(f"arch={arch}", f"arch.input_size={size}", "data=synthetic", "data.num_samples=20",
+            "data.batch_size=8", "trainer.max_epochs=1", "export.num_images=4",
+            "export.batch_sizes=[1,4]", *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = r.results()
+    assert res["arch"] == spec.name and res["input_shape"] == [spec.in_channels, size, size]
+    assert res["params"] == res["native_params"]
+    assert res["metrics"]["train_loss"] > 0 and res["export"]["passed"] is True

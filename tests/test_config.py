@@ -23,6 +23,16 @@ def test_defaults_are_the_documented_default_job():
     assert cfg.hardware.accelerator == "auto"
 
 
+@pytest.mark.parametrize("arch, optimizer, lr", [
+    ("lenet5", "adam", 1e-3), ("vgg16", "sgd", 0.01), ("resnet50", "sgd", 0.1),
+    ("inception_v3", "rmsprop", 0.045)])
+def test_optim_paper_takes_the_architectures_recipe(arch, optimizer, lr):
+    cfg = compose_cfg(f"arch={arch}")
+    assert (cfg.optim.name, cfg.optim.lr) == (optimizer, lr)
+    assert compose_cfg(f"arch={arch}", "optim.lr=0.5").optim.lr == 0.5
+    assert compose_cfg(f"arch={arch}", "optim=adamw").optim.name == "adamw"
+
+
 def test_vgg_is_an_alias_of_vgg16():
     assert compose_cfg("arch=vgg") == compose_cfg("arch=vgg16")
 
@@ -61,6 +71,7 @@ def _errors(*overrides, edit=None):
     ("data.std=[0]", "data.std"),
     ("optimized_metric=speed", "optimized_metric"),
     ("optim=sgd optim.momentum=1.5", "optim.momentum"),
+    ("optim=rmsprop optim.eps=0", "optim.eps"),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, key):
     lines = _errors(*override.split())

@@ -81,3 +81,22 @@ def test_third_party_backend_registers_by_installing_a_package(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "mine" in available_backends()
     assert load_backend("mine").name == "mine"
+
+
+def test_auxiliary_classifiers_join_the_training_loss(monkeypatch):
+    from runners.torch_runner import Classifier
+
+    spec = architectures.build_spec("inception_v1", num_classes=4, aux_logits=True)
+    cfg = compose_cfg("arch=inception_v1")
+    net = TorchBackend(cfg, ".").build(spec, 32)
+    clf = Classifier(net, cfg.optim, 1, channels_last=False)
+    monkeypatch.setattr(clf, "log", lambda *a, **k: None)  # no Trainer attached here
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    net.train()
+    torch.manual_seed(0)  # same dropout masks in both forward passes
+    main, aux1, aux2 = net(x)
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(main, y) + 0.3 * (ce(aux1, y) + ce(aux2, y))
+    torch.manual_seed(0)
+    loss = clf.training_step((x, y), 0)
+    assert torch.allclose(loss, expected) and loss > ce(main, y)
