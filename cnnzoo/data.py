@@ -78,10 +78,21 @@ class Split:
     def __getitem__(self, i: int):
         return self.preprocess(self.images[i]), self.labels[i]
 
+    def take(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: stacked preprocessed images (N, C, H, W) and their labels."""
+        indices = np.asarray(indices)
+        return np.stack([self.preprocess(self.images[i]) for i in indices]), self.labels[indices]
+
     def batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = range(start, min(stop, len(self)))
-        return (np.stack([self.preprocess(self.images[i]) for i in idx]),
-                self.labels[start:stop])
+        return self.take(np.arange(start, min(stop, len(self))))
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order of a split's images in one epoch: a pure function of (seed, epoch), so every
+    backend sees the same batches and a resumed run continues with the same order."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 @dataclass

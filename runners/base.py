@@ -59,6 +59,12 @@ class Backend(abc.ABC):
         """Trainable parameters of the native model (must equal the spec's count)."""
 
     @abc.abstractmethod
+    def input_pipeline(self, split: Split, shuffle: bool) -> Any:
+        """The native iterable of (images, labels) batches this backend trains (shuffle=True)
+        or validates on. Batches follow ``cnnzoo.data.epoch_order`` and hold exactly the data
+        layer's pixels, so every backend sees the same inputs for the same seed."""
+
+    @abc.abstractmethod
     def train(self, model, train: Split, val: Split) -> TrainReport:
         """Train with the config's optimizer, trainer and hardware settings."""
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from cnnzoo.compat import tensorboard_without_tensorflow
+from cnnzoo.data import epoch_order
 from cnnzoo.rundir import MetricsLog
 
 from .base import Backend, TrainReport
@@ -112,6 +113,22 @@ class _EpochLog(Callback):
             self.metrics_log.append(row)
 
 
+class _EpochOrder(torch.utils.data.Sampler):
+    """The data layer's per-epoch order; Lightning calls set_epoch (and wraps it for DDP)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist())
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -137,13 +154,12 @@ class TorchBackend(Backend):
     def count_params(self, model) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def _loaders(self, train, val):
-        c = self.cfg
-        kw = dict(batch_size=c.data.batch_size, num_workers=c.backend.num_workers,
-                  persistent_workers=c.backend.num_workers > 0)
-        gen = torch.Generator().manual_seed(c.seed)  # data order from the run's seed
-        return (torch.utils.data.DataLoader(train, shuffle=True, generator=gen, **kw),
-                torch.utils.data.DataLoader(val, shuffle=False, **kw))
+    def input_pipeline(self, split, shuffle: bool):
+        workers = self.cfg.backend.num_workers
+        return torch.utils.data.DataLoader(
+            split, batch_size=self.cfg.data.batch_size, num_workers=workers,
+            persistent_workers=workers > 0,
+            sampler=_EpochOrder(len(split), self.cfg.seed, shuffle))
 
     def train(self, model, train, val) -> TrainReport:
         c, hw = self.cfg, self.cfg.hardware
@@ -160,7 +176,7 @@ class TorchBackend(Backend):
             deterministic=c.trainer.deterministic, enable_progress_bar=c.trainer.progress_bar,
             callbacks=[checkpoint, epoch_log], logger=self._logger(), default_root_dir=self.run_dir,
             enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
-        train_loader, val_loader = self._loaders(train, val)
+        train_loader, val_loader = self.input_pipeline(train, True), self.input_pipeline(val, False)
         trainer.fit(Classifier(model, c.optim, c.trainer.max_epochs, c.backend.channels_last),
                     train_loader, val_loader)
         seconds = max(epoch_log.train_time, 1e-9)

@@ -100,3 +100,19 @@ def test_auxiliary_classifiers_join_the_training_loss(monkeypatch):
     torch.manual_seed(0)
     loss = clf.training_step((x, y), 0)
     assert torch.allclose(loss, expected) and loss > ce(main, y)
+
+
+def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
+    from cnnzoo.data import Preprocess, epoch_order, load_digits
+
+    train, _ = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=3)
+    loader = backend.input_pipeline(train, shuffle=True)
+    bs = backend.cfg.data.batch_size
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+        x, y = next(iter(loader))
+        want_x, want_y = train.take(epoch_order(len(train), backend.cfg.seed, epoch)[:bs])
+        np.testing.assert_array_equal(x.numpy(), want_x)
+        np.testing.assert_array_equal(y.numpy(), want_y)
+    x, _ = next(iter(backend.input_pipeline(train, shuffle=False)))
+    np.testing.assert_array_equal(x.numpy(), train.batch(0, bs)[0])
