@@ -2,8 +2,6 @@
 
 Hydra composes conf/config.yaml with the chosen arch, backend, hardware, data and optim configs;
 the returned value is the metric named by ``optimized_metric``, for sweepers."""
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -13,9 +11,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig):
     from cnnzoo.tasks import run_task  # imported here so --help and --cfg stay instant
 
-    hydra_cfg = HydraConfig.get()
-    backend_chosen = any(o.startswith("backend=") for o in hydra_cfg.overrides.task)
-    return run_task(cfg, Path(hydra_cfg.runtime.output_dir), backend_chosen)
+    return run_task(cfg, HydraConfig.get())
 
 
 if __name__ == "__main__":

@@ -1,90 +1,117 @@
-"""Datasets and the one preprocessing contract every backend uses.
+"""The data layer's public API: datasets, splits, the per-epoch order and the loaders.
 
-A dataset is held as raw float32 images in [0, 1], shape (N, H, W, C), plus integer labels.
-``Preprocess`` turns raw images into the architecture's input: resize to input_size x input_size
-(stated interpolation), adapt channels (gray -> RGB by repetition, RGB -> gray by ITU-R 601 luma),
-then normalise with the config's mean/std. Output is float32, channels-first (C, H, W);
-backends with another layout transpose it themselves. Items are preprocessed on access, so a
-big input size never holds the whole resized dataset in memory.
+A ``Dataset`` holds raw images and integer labels, plus an optional predefined validation part.
+Raw images stay in their source's form: uint8 (N, H, W, C) where the source is 8-bit (4x less
+memory than float32), uint16 for 16-bit sources, float32 in [0, 1] otherwise (the embedded
+digits, synthetic data), either in memory, memory-mapped, or as image files decoded on demand
+(an "image store": anything with ``len()``, ``get(positions)`` and ``channels``).
+``Preprocess`` (``data_preprocess``) is the one contract that turns raw images into the
+architecture's input, batch by batch, for every backend.
+
+The formats, one module each: ``data_image_folder`` (PNG/JPEG/BMP class folders),
+``data_idx`` (MNIST's IDX files), ``data_cifar`` (CIFAR-10 python batches), ``data_npz``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC}
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+from .data_errors import DataError
+from .data_preprocess import Augment, Preprocess
+
+__all__ = ["Augment", "DataError", "Dataset", "Preprocess", "Split", "epoch_order",
+           "load_dataset", "load_digits", "make_synthetic", "FILE_FORMATS"]
+
+# data.name -> what data.path must point at
+FILE_FORMATS = {
+    "image_folder": "a folder of class folders (root/<class>/<image>, or root/train/... and "
+                    "root/val/...)",
+    "mnist": "the folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte (and t10k-...)",
+    "cifar10": "the cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)",
+    "npz": "an .npz file with arrays x (images) and y (labels)",
+}
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used with the chosen architecture or options."""
+class ArrayStore:
+    """Images as one (N, H, W, C) array, in memory or memory-mapped: ``get`` copies only the
+    requested rows, so a memory-mapped file is read batch by batch."""
+
+    def __init__(self, array: np.ndarray):
+        if array.ndim != 4:
+            raise DataError(f"images must be an (N, H, W, C) array, got shape {array.shape}")
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def channels(self) -> set[int]:
+        return {self.array.shape[-1]}
+
+    def get(self, positions) -> np.ndarray:
+        return np.asarray(self.array[positions])
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bilinear"
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, C) float image in [0, 1] -> normalised (channels, size, size) float32."""
-        h, w, c = image.shape
-        if (h, w) != (self.size, self.size):
-            resample = _RESAMPLE[self.interpolation]
-            image = np.stack([np.asarray(Image.fromarray(image[:, :, k], mode="F")
-                                         .resize((self.size, self.size), resample))
-                              for k in range(c)], axis=-1)
-        image = self._adapt_channels(image)
-        mean = np.asarray(self.mean, np.float32)
-        std = np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(((image - mean) / std).transpose(2, 0, 1), dtype=np.float32)
-
-    def _adapt_channels(self, image: np.ndarray) -> np.ndarray:
-        c = image.shape[-1]
-        if c == self.channels:
-            return image
-        if c == 1:
-            return np.repeat(image, self.channels, axis=-1)
-        if c in (3, 4) and self.channels == 1:
-            return image[:, :, :3] @ _LUMA[:, None]
-        if c == 4 and self.channels == 3:
-            return image[:, :, :3]
-        raise DataError(f"cannot convert {c}-channel images to {self.channels} channels; "
-                        f"set arch.in_channels={c}")
-
-    def metadata(self) -> dict:
-        """What a deployer needs to feed the model; goes into the ONNX metadata."""
-        return {"resize": [self.size, self.size], "interpolation": self.interpolation,
-                "channels": self.channels, "scale": "pixel / 255 (to [0, 1])",
-                "mean": list(self.mean), "std": list(self.std),
-                "normalise": "(x - mean) / std, per channel"}
+def _store(images):
+    return images if hasattr(images, "get") else ArrayStore(images)
 
 
 class Split:
-    """A map-style dataset: ``split[i]`` is (preprocessed image, label). Torch's DataLoader and
-    any other loader can index it directly."""
+    """A map-style dataset: ``split[i]`` is (preprocessed image, label), ``split.take(indices)``
+    a batch. Torch's DataLoader and any other loader can index it directly.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocess: Preprocess):
-        self.images, self.labels, self.preprocess = images, labels.astype(np.int64), preprocess
+    ``index`` maps the split's positions to the images' positions in their source (the split
+    holds no copy of the images). A training split has ``augment_seed`` (the run's seed): its
+    augmentation, if the Preprocess has one, is drawn from (seed, epoch, source position), so a
+    key may be ``i`` (epoch 0) or ``(i, epoch)``."""
+
+    def __init__(self, images, labels, preprocess: Preprocess, index=None,
+                 augment_seed: int | None = None):
+        self.source, self.preprocess = _store(images), preprocess
+        self.labels = np.asarray(labels).astype(np.int64)
+        self.index = (np.arange(len(self.labels)) if index is None
+                      else np.asarray(index, np.int64))
+        self.augment_seed = augment_seed
+
+    @property
+    def augments(self) -> bool:
+        """Whether this split's images depend on the epoch (training with augmentation)."""
+        return self.augment_seed is not None and self.preprocess.augment.enabled
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
-        return self.preprocess(self.images[i]), self.labels[i]
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        x, y = self.take([i], epoch)
+        return x[0], y[0]
 
-    def take(self, indices) -> tuple[np.ndarray, np.ndarray]:
-        """A batch: stacked preprocessed images (N, C, H, W) and their labels."""
-        indices = np.asarray(indices)
-        return np.stack([self.preprocess(self.images[i]) for i in indices]), self.labels[indices]
+    def __getitems__(self, keys):
+        """A whole batch at once (torch's DataLoader uses it): one vectorised preprocess."""
+        pairs = [k if isinstance(k, tuple) else (k, 0) for k in keys]
+        x, y = self.take([i for i, _ in pairs], np.array([e for _, e in pairs]))
+        return list(zip(x, y))
 
-    def batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.take(np.arange(start, min(stop, len(self))))
+    def take(self, indices, epoch=0) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: preprocessed images (N, C, H, W) float32 and their int64 labels.
+        ``epoch`` (one, or one per image) only matters for an augmented training split."""
+        indices = np.asarray(indices, np.int64)
+        positions = self.index[indices]
+        keys = positions if self.augments else None
+        x = self.preprocess.batch(self.source.get(positions), self.augment_seed or 0, epoch, keys)
+        return x, self.labels[indices]
+
+    def batch(self, start: int, stop: int, epoch=0) -> tuple[np.ndarray, np.ndarray]:
+        return self.take(np.arange(start, min(stop, len(self))), epoch)
+
+    def raw(self, indices):
+        """The raw (unpreprocessed) images at ``indices``, as the source stores them."""
+        return self.source.get(self.index[np.asarray(indices, np.int64)])
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -95,31 +122,74 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def _check_labels(name: str, part: str, images, labels, classes: list[str]) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (len(labels) and labels.dtype.kind not in "ui"):
+        raise DataError(f"{name}: {part} labels must be one integer per image")
+    if len(labels) != len(images):
+        raise DataError(f"{name}: {len(images)} {part} images but {len(labels)} labels")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):
+        raise DataError(f"{name}: {part} label {labels[bad[0]]} (image {bad[0]}) is outside the "
+                        f"{len(classes)} classes 0..{len(classes) - 1}: fix the labels or name "
+                        "every class")
+    return labels.astype(np.int64)
+
+
 @dataclass
 class Dataset:
     name: str
-    images: np.ndarray  # (N, H, W, C) float32 in [0, 1]
-    labels: np.ndarray  # (N,) int
+    images: Any            # (N, H, W, C) array (uint8, uint16 or float32 in [0, 1]) or a store
+    labels: np.ndarray     # (N,) int
     classes: list[str]
+    val_images: Any = None  # a predefined validation part (e.g. MNIST's t10k files), or None
+    val_labels: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.labels = _check_labels(self.name, "training", self.images, self.labels, self.classes)
+        if self.val_images is not None:
+            self.val_labels = _check_labels(self.name, "validation", self.val_images,
+                                            self.val_labels, self.classes)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def channels(self) -> set[int]:
+        """The channel counts of the raw images (1 gray, 3 RGB, ...)."""
+        parts = [self.images] + ([self.val_images] if self.val_images is not None else [])
+        return set().union(*(_store(p).channels for p in parts))
+
     def split(self, preprocess: Preprocess, val_fraction: float, seed: int,
               limit: int | None = None) -> tuple[Split, Split]:
-        """Shuffle with ``seed`` (same order on every backend), then hold out the validation part."""
-        order = np.random.default_rng(seed).permutation(len(self.labels))[:limit]
-        n_val = max(1, round(len(order) * val_fraction))
-        if len(order) - n_val < 1:
-            raise DataError(f"{self.name}: {len(order)} images leave none for training; "
-                            "lower data.val_fraction or raise data.limit")
-        val, train = order[:n_val], order[n_val:]
-        return (Split(self.images[train], self.labels[train], preprocess),
-                Split(self.images[val], self.labels[val], preprocess))
+        """Training and validation splits, shuffled with ``seed`` (same on every backend).
+
+        Without a predefined validation part, ``val_fraction`` of the (first ``limit``)
+        shuffled images is held out. With one, each part is shuffled and cut to ``limit``."""
+        for c in sorted(self.channels):
+            preprocess.check_channels(c)
+        n = len(self.labels)
+        if self.val_images is None:
+            order = np.random.default_rng(seed).permutation(n)[:limit]
+            n_val = max(1, round(len(order) * val_fraction))
+            if len(order) - n_val < 1:
+                raise DataError(f"{self.name}: {len(order)} images leave none for training; "
+                                "lower data.val_fraction or raise data.limit")
+            val, train = order[:n_val], order[n_val:]
+            return (Split(self.images, self.labels[train], preprocess, train, augment_seed=seed),
+                    Split(self.images, self.labels[val], preprocess, val))
+        if n == 0 or len(self.val_labels) == 0:
+            raise DataError(f"{self.name}: the {'training' if n == 0 else 'validation'} part "
+                            "has no images")
+        train = np.random.default_rng(seed).permutation(n)[:limit]
+        val = np.random.default_rng([seed, 1]).permutation(len(self.val_labels))[:limit]
+        return (Split(self.images, self.labels[train], preprocess, train, augment_seed=seed),
+                Split(self.val_images, self.val_labels[val], preprocess, val))
 
 
 def load_digits() -> Dataset:
+    """scikit-learn's 1,797 real 8x8 digits (0..16 levels), as float32 in [0, 1]."""
     from sklearn.datasets import load_digits as sk_digits  # ships with scikit-learn
     digits = sk_digits()
     images = (digits.images / 16.0).astype(np.float32)[..., None]
@@ -140,6 +210,16 @@ def make_synthetic(num_samples: int, num_classes: int, image_size: int, channels
     return Dataset("synthetic", images, labels, [f"class_{k}" for k in range(num_classes)])
 
 
+def dataset_path(cfg) -> Path:
+    """``data.path`` as an existing path, or a DataError saying what it must point at."""
+    path = Path(os.path.expanduser(str(cfg.path)))
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DataError(f"data.path={str(cfg.path)!r} does not exist{where}: set data.path to "
+                        f"{FILE_FORMATS[cfg.name]}")
+    return path
+
+
 def load_dataset(cfg, seed: int) -> Dataset:
     """The dataset named by the ``data`` config group."""
     if cfg.name == "digits":
@@ -147,4 +227,10 @@ def load_dataset(cfg, seed: int) -> Dataset:
     if cfg.name == "synthetic":
         return make_synthetic(cfg.num_samples, cfg.num_classes, cfg.image_size, cfg.channels,
                               seed)
-    raise DataError(f"unknown dataset '{cfg.name}'")
+    if cfg.name not in FILE_FORMATS:
+        raise DataError(f"unknown dataset '{cfg.name}'")
+    from . import data_cifar, data_idx, data_image_folder, data_npz
+
+    loader = {"image_folder": data_image_folder, "mnist": data_idx, "cifar10": data_cifar,
+              "npz": data_npz}[cfg.name]
+    return loader.load(dataset_path(cfg), cfg)

@@ -2,8 +2,12 @@
 then data is loaded, and only then is the chosen backend (and its framework) imported."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,26 +26,72 @@ class RunFailed(RuntimeError):
     """The run finished its work but its result is not acceptable (e.g. ONNX verification)."""
 
 
-def run_task(cfg: DictConfig, run_dir: Path, backend_chosen: bool = False):
-    """Run ``cfg.task``; user mistakes and failed runs end the process with one clear message."""
-    from export.onnx_model import ExportError
+def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
+    """Run ``cfg.task`` in the run directory Hydra made; return the optimized metric.
+
+    User mistakes exit with code 2 and failed runs with code 1, each with one clear message. In
+    a sweep (multirun) a failed trial is recorded instead (results.json status "failed" with
+    the reason) and returns None, so the sweep goes on; its summary marks the trial."""
+    from hydra.types import RunMode
+
+    from export import ExportError
+    from runners.base import TrainingDiverged
 
     from .data import DataError
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
         if cfg.task == "summary":
+            backend_chosen = any(o.startswith("backend=") for o in hydra_cfg.overrides.task)
             return summary(cfg, run_dir, build_native=backend_chosen)
+        if cfg.task == "predict":
+            return predict_task(cfg, run_dir)
+        if cfg.task == "eval":
+            from .evaluate import evaluate
+            return evaluate(cfg, run_dir, list(hydra_cfg.overrides.task))
+        _share_cpu_threads(cfg, hydra_cfg.launcher.get("n_jobs") if in_sweep else None)
+        if cfg.task == "verify":
+            from .crosscheck import verify_task
+            return verify_task(cfg, run_dir)
         return train(cfg, run_dir)
     except (ConfigError, ShapeError, DataError) as err:
-        _fail(err, EXIT_BAD_INPUT)
-    except (RunFailed, ExportError) as err:
-        _fail(err, EXIT_FAILED)
+        error, code = err, EXIT_BAD_INPUT
+    except (RunFailed, ExportError, TrainingDiverged) as err:
+        error, code = err, EXIT_FAILED
+    except Exception as err:  # noqa: BLE001  a crash: a sweep records it, a single run shows it
+        if not in_sweep:
+            raise
+        error, code = err, EXIT_FAILED
+        traceback.print_exc()
+    if in_sweep:
+        _record_failure(run_dir, cfg, error)
+        _print_error(error)
+        return None
+    _print_error(error)
+    sys.exit(code)
 
 
-def _fail(err: Exception, code: int):
+def _share_cpu_threads(cfg: DictConfig, parallel_jobs: int | None) -> None:
+    """Trials running side by side (joblib launcher) split the CPU cores between them."""
+    if parallel_jobs and parallel_jobs > 1 and cfg.hardware.threads is None:
+        cfg.hardware.threads = max(1, (os.cpu_count() or 1) // parallel_jobs)
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, error: Exception) -> None:
+    """Keep what the trial wrote (e.g. a failed verification's diffs) and add why it failed."""
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {
+        "schema_version": SCHEMA_VERSION, "task": cfg.task, "arch": cfg.arch.name,
+        "backend": cfg.backend.name}
+    results["status"] = "failed"
+    results["error"] = f"{type(error).__name__}: {error}"
+    write_json(path, results)
+
+
+def _print_error(err: Exception) -> None:
     for line in str(err).splitlines():
         print(f"error: {line}", file=sys.stderr)
-    sys.exit(code)
 
 
 def _spec(cfg: DictConfig, num_classes: int | None = None):
@@ -83,32 +133,59 @@ def summary(cfg: DictConfig, run_dir: Path, build_native: bool):
     return analysis.params
 
 
-def train(cfg: DictConfig, run_dir: Path):
-    from export import export_and_verify
+@dataclass
+class Experiment:
+    """What train and eval share: the dataset, its splits and the model's spec."""
+    dataset: object
+    spec: object
+    analysis: object
+    preprocess: object
+    train_split: object
+    val_split: object
 
-    from .data import DataError, Preprocess, load_dataset
 
-    t_start = time.perf_counter()
+def prepare(cfg: DictConfig) -> Experiment:
+    from .data import Augment, DataError, Preprocess, load_dataset
+
     dataset = load_dataset(cfg.data, cfg.seed)
     num_classes = cfg.arch.num_classes or dataset.num_classes
     if num_classes < dataset.num_classes:
         raise DataError(f"arch.num_classes={num_classes} but data '{dataset.name}' has "
                         f"{dataset.num_classes} classes: set arch.num_classes=null")
     spec = _spec(cfg, num_classes)
-    analysis = spec.analyze(cfg.arch.input_size)
     channels = cfg.arch.in_channels
     preprocess = Preprocess(cfg.arch.input_size, channels,
                             _per_channel(cfg.data.mean, channels), _per_channel(cfg.data.std, channels),
-                            cfg.data.interpolation)
+                            cfg.data.interpolation, Augment(**cfg.data.get("augment", {})))
     train_split, val_split = dataset.split(preprocess, cfg.data.val_fraction, cfg.seed,
                                            cfg.data.limit)
+    return Experiment(dataset, spec, spec.analyze(cfg.arch.input_size), preprocess, train_split,
+                      val_split)
 
+
+def build_model(cfg: DictConfig, run_dir: Path, exp: Experiment):
+    """The chosen backend (its framework is imported now) and its native model."""
     backend = _backend(cfg, run_dir)
-    model = backend.build(spec, cfg.arch.input_size)
+    model = backend.build(exp.spec, cfg.arch.input_size)
     native_params = backend.count_params(model)
-    if native_params != analysis.params:
+    if native_params != exp.analysis.params:
         raise RunFailed(f"{cfg.backend.name} built {native_params:,} trainable parameters for "
-                        f"{spec.name}, the spec has {analysis.params:,}: backend bug")
+                        f"{exp.spec.name}, the spec has {exp.analysis.params:,}: backend bug")
+    return backend, model, native_params
+
+
+def train(cfg: DictConfig, run_dir: Path):
+    from export import export_and_verify
+
+    from .report import plot_curves, print_config, print_summary
+
+    t_start = time.perf_counter()
+    print_config(cfg)
+    exp = prepare(cfg)
+    dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
+    train_split, val_split = exp.train_split, exp.val_split
+    num_classes = spec.num_classes
+    backend, model, native_params = build_model(cfg, run_dir, exp)
     print(f"{spec.name}: {analysis.params:,} parameters, input "
           f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
           f"{len(val_split)} val images; backend {cfg.backend.name}")
@@ -156,11 +233,23 @@ def train(cfg: DictConfig, run_dir: Path):
                            f" rtol {cfg.export.rtol:g}); see {run_dir / 'results.json'}")
     results["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     write_json(run_dir / "results.json", results)
+    if history:
+        plot_curves(history, run_dir / "curves.png", f"{spec.name} on {cfg.backend.name}")
+    if cfg.tracking.mlflow:
+        from .tracking import log_run
+        log_run(cfg, results, history, run_dir)
+    print_summary(results, run_dir)
     if failure:
         raise RunFailed(failure)
-    print(f"done: val_acc {metrics.get('val_acc', float('nan')):.4f}, "
-          f"{report.images_per_s:.0f} images/s; results in {run_dir}")
     return metrics.get(cfg.optimized_metric)
+
+
+def predict_task(cfg: DictConfig, run_dir: Path) -> None:
+    from .predict import format_results, predict
+
+    results = predict(Path(cfg.predict.model), list(cfg.predict.inputs), cfg.predict.top_k)
+    print(format_results(results))
+    write_json(run_dir / "predictions.json", results)
 
 
 def _per_channel(values, channels: int) -> tuple[float, ...]:

@@ -9,13 +9,15 @@ from omegaconf import DictConfig, OmegaConf
 import architectures
 from architectures import ShapeError
 
-TASKS = ("train", "summary")
+TASKS = ("train", "summary", "eval", "predict", "verify")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-DATASETS = ("digits", "synthetic")
+DATASETS = ("digits", "synthetic", "image_folder", "mnist", "cifar10", "npz")
+FILE_DATASETS = ("image_folder", "mnist", "cifar10", "npz")  # read from data.path
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")
 
 
@@ -48,6 +50,9 @@ def _rules(cfg: DictConfig):
         "task": one_of(TASKS),
         "seed": nonneg_int,
         "optimized_metric": one_of(METRICS),
+        "sweep.max_failure_rate": (_is_num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "eval.batch_size": optional(pos_int),
+        "predict.top_k": pos_int,
         "arch.input_size": pos_int,
         "arch.in_channels": pos_int,
         "arch.num_classes": optional((_is_int, lambda v: v >= 2, "an integer >= 2")),
@@ -64,7 +69,9 @@ def _rules(cfg: DictConfig):
         "trainer.limit_train_batches": limit,
         "trainer.limit_val_batches": limit,
         "hardware.accelerator": one_of(ACCELERATORS),
-        "hardware.devices": pos_int,
+        "hardware.strategy": one_of(STRATEGIES),
+        "hardware.devices": (_is_int, lambda v: v > 0 or v == -1, "a positive integer or -1 (all)"),
+        "hardware.num_nodes": pos_int,
         "hardware.precision": one_of(PRECISIONS),
         "hardware.threads": optional(pos_int),
         "export.opset": (_is_int, lambda v: 13 <= v <= 23, "an integer from 13 to 23"),
@@ -72,6 +79,15 @@ def _rules(cfg: DictConfig):
         "export.rtol": nonneg_num,
         "export.min_top1_agreement": (_is_num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "export.num_images": pos_int,
+        "verify.reference": (lambda v: isinstance(v, str), lambda v: v != "", "a backend name"),
+        "verify.weights": optional((lambda v: isinstance(v, str), lambda v: v.strip() != "",
+                                    "the path of a weights .npz")),
+        "verify.input_size": optional(pos_int),
+        "verify.num_images": pos_int,
+        "verify.atol": nonneg_num,
+        "verify.rtol": nonneg_num,
+        "verify.min_top1_agreement": (_is_num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "verify.keep_onnx": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     }
     for key in ("momentum", "alpha"):  # optimizer-specific keys, checked where present
         if cfg.optim.get(key) is not None:
@@ -82,6 +98,26 @@ def _rules(cfg: DictConfig):
         table.update({"data.num_samples": (_is_int, lambda v: v >= 4, "an integer >= 4"),
                       "data.num_classes": (_is_int, lambda v: v >= 2, "an integer >= 2"),
                       "data.image_size": pos_int, "data.channels": pos_int})
+    table.update(_data_file_rules(cfg))
+    return table
+
+
+def _data_file_rules(cfg: DictConfig):
+    """Rules of the file formats (data.path, image_folder's switches) and of augmentation."""
+    boolean = (lambda v: isinstance(v, bool), lambda v: True, "true or false")
+    table = {}
+    if cfg.data.get("name") in FILE_DATASETS:
+        table["data.path"] = (lambda v: isinstance(v, str), lambda v: v.strip() != "",
+                              f"the path of the {cfg.data.name} dataset")
+    if cfg.data.get("name") == "image_folder":
+        table.update({"data.cache": boolean, "data.verify": boolean,
+                      "data.skip_bad_files": boolean})
+    if cfg.data.get("augment") is not None:
+        size = cfg.arch.get("input_size")
+        table["data.augment.random_crop_padding"] = (
+            _is_int, lambda v: 0 <= v <= (size if _is_int(size) else v),
+            f"an integer from 0 (off) to arch.input_size ({size})")
+        table["data.augment.horizontal_flip"] = boolean
     return table
 
 
@@ -101,6 +137,8 @@ def validate(cfg: DictConfig) -> None:
         elif len(values) not in (1, cfg.arch.in_channels):
             errors.append(f"{key} has {len(values)} values but arch.in_channels is "
                           f"{cfg.arch.in_channels}: give 1 or {cfg.arch.in_channels}")
+    errors += _backend_limits(cfg)
+    errors += _verify_lists(cfg)
     sizes = cfg.export.batch_sizes
     if not sizes or any(not _is_int(b) or b < 1 for b in sizes):
         errors.append(f"export.batch_sizes={list(sizes) if sizes else sizes!r} is invalid: "
@@ -109,6 +147,64 @@ def validate(cfg: DictConfig) -> None:
         errors += _check_arch(cfg)
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _verify_lists(cfg: DictConfig) -> list[str]:
+    """``verify.backends`` and ``verify.archs`` (task=verify): known names, the reference among
+    the backends, and a weights file only for a single architecture."""
+    v = cfg.get("verify")
+    if v is None:
+        return []
+    errors = []
+    backends = v.get("backends")
+    if not backends or any(not isinstance(b, str) for b in backends) or len(
+            set(backends)) != len(backends):
+        errors.append(f"verify.backends={_plain(backends)!r} is invalid: expected a non-empty "
+                      "list of distinct backend names")
+    elif cfg.task == "verify":
+        from runners.base import available_backends  # entry points only: nothing is imported
+
+        installed = available_backends()
+        errors += [f"verify.backends: backend '{b}' is not installed; installed backends: "
+                   f"{', '.join(installed)}" for b in backends if b not in installed]
+        if v.get("reference") not in backends:
+            errors.append(f"verify.reference={v.get('reference')!r} is not one of verify.backends "
+                          f"{list(backends)}")
+    archs = v.get("archs")
+    if archs is not None and archs != "all":
+        if isinstance(archs, str) or not archs:
+            errors.append(f"verify.archs={_plain(archs)!r} is invalid: expected null (arch), all, "
+                          "or a list of architecture names")
+        else:
+            for name in archs:
+                try:
+                    architectures.arch_info(str(name))
+                except KeyError as err:
+                    errors.append(f"verify.archs: {err.args[0]}")
+    if archs is not None and v.get("weights") is not None:
+        errors.append("verify.weights is set but verify.archs is not null: a weights file holds "
+                      "one architecture (arch)")
+    return errors
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+# What a built-in backend cannot do, refused before any data or framework loads.
+BACKEND_LIMITS = {
+    "keras": {"hardware.num_nodes": (1,)},
+    "mxnet": {"hardware.precision": ("32-true",), "hardware.num_nodes": (1,),
+              "backend.kvstore": ("device", "local")},
+}
+
+
+def _backend_limits(cfg: DictConfig) -> list[str]:
+    name = cfg.backend.get("name")
+    return [f"{key}={OmegaConf.select(cfg, key)!r} is not supported by backend={name}: use "
+            + " or ".join(f"{key}={v}" for v in allowed)
+            for key, allowed in BACKEND_LIMITS.get(name, {}).items()
+            if OmegaConf.select(cfg, key) not in allowed]
 
 
 def _check_arch(cfg: DictConfig) -> list[str]:

@@ -9,11 +9,9 @@ import onnx
 
 from cnnzoo.rundir import atomic_write_bytes
 
+from .errors import ExportError
+
 MAX_SINGLE_FILE = 2 * 1024**3  # protobuf's limit for one self-contained .onnx file
-
-
-class ExportError(RuntimeError):
-    """The exported model is invalid or could not be written."""
 
 
 def finalize(raw_path: Path, out_path: Path, metadata: dict) -> onnx.ModelProto:

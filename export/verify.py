@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from cnnzoo.data_preprocess import to_layout
+
 
 @dataclass
 class Comparison:
@@ -84,11 +86,6 @@ def session(path: Path, threads: int | None = None):
     available = ort.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return ort.InferenceSession(str(path), opts, providers=providers)
-
-
-def to_layout(images: np.ndarray, layout: str) -> np.ndarray:
-    """The data layer's NCHW batch in the layout an ONNX model takes."""
-    return np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if layout == "NHWC" else images
 
 
 def verify(path: Path, images: np.ndarray, native_predict: Callable[[np.ndarray], np.ndarray],

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # kept out of the import path: --help and task=summary stay i
 ENTRY_POINT_GROUP = "cnnzoo.backends"
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; backends raise it at the end of the epoch it happened."""
+
+
 @dataclass
 class TrainReport:
     history: list[dict]            # one row per epoch, the columns of metrics.csv
@@ -87,6 +91,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
         """Write ``model`` as ONNX with input "input" (dynamic batch) and output "logits"."""
+
+    # Weight transfer between backends, in the canonical layout of ``runners.weight_layouts``
+    # (keys "<spec node name>/<param>", PyTorch's layouts). Not abstract, so that a backend
+    # written before them still loads; task=verify needs both.
+    def get_weights(self, model) -> dict[str, np.ndarray]:
+        """Every parameter and batch-norm statistic of a model built by ``build``, as float32
+        arrays in the canonical layout (copies: changing them leaves the model alone)."""
+        raise NotImplementedError(f"backend '{self.name}' does not implement get_weights")
+
+    def set_weights(self, model, weights: dict[str, np.ndarray]) -> None:
+        """Load canonical ``weights`` into a model built by ``build``. Raises
+        ``runners.weight_layouts.WeightsError`` naming every missing, unexpected or
+        mis-shaped key before anything is changed."""
+        raise NotImplementedError(f"backend '{self.name}' does not implement set_weights")
 
 
 def available_backends() -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -15,10 +16,14 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from cnnzoo.compat import tensorboard_without_tensorflow
 from cnnzoo.data import epoch_order
+from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
+from cnnzoo.validate import ConfigError
 
-from .base import Backend, TrainReport
+from .base import Backend, TrainingDiverged, TrainReport
 from .torch_model import SpecModule
+from .weight_layouts import (check_weights, expected_shapes, key, native_name, parametrised,
+                             to_canonical, to_native)
 
 # Lightning's tips (num_workers, logger suggestions) are noise for this product's users
 for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
@@ -48,10 +53,11 @@ class Classifier(pl.LightningModule):
         if aux:  # auxiliary classifiers (GoogLeNet, Inception-v3) add their weighted losses
             loss = loss + self.net.aux_weight * sum(F.cross_entropy(a, y) for a in aux)
         acc = (logits.argmax(1) == y).float().mean()
+        if stage == "train":
+            self.last_step = (loss.detach(), acc)  # for the progress display, read when it refreshes
         # epoch means, averaged over processes under DDP (a no-op on one device)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
-                 sync_dist=True)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -81,14 +87,22 @@ class Classifier(pl.LightningModule):
 
 
 class _EpochLog(Callback):
-    """Writes metrics.csv (the columns every backend shares) and times the training epochs,
-    excluding validation, so images/s is comparable across backends."""
+    """Writes metrics.csv (the columns every backend shares), drives the shared progress display
+    and times the training epochs, excluding validation, so images/s is comparable across
+    backends."""
 
-    def __init__(self, log: MetricsLog | None):
+    def __init__(self, log: MetricsLog | None, show_progress: bool):
         self.metrics_log, self.rows, self.train_time, self.images = log, [], 0.0, 0
+        self.show_progress, self.progress = show_progress, None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0, self._val_time = time.perf_counter(), 0.0
+        # the rate used in this epoch (Lightning steps epoch schedulers before on_train_epoch_end)
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if self.progress is None:
+            self.progress = EpochProgress(trainer.max_epochs, trainer.num_training_batches,
+                                          self.show_progress and trainer.is_global_zero)
+        self.progress.start_epoch(trainer.current_epoch + 1)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._v0 = time.perf_counter()
@@ -99,25 +113,38 @@ class _EpochLog(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += len(batch[1]) * trainer.world_size
+        loss, acc = pl_module.last_step
+        self.progress.step(1, lambda: {"loss": loss.item(), "acc": acc.item()})
 
     def on_train_epoch_end(self, trainer, pl_module):
         elapsed = time.perf_counter() - self._t0
         self.train_time += elapsed - self._val_time
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch + 1, "epoch_time_s": elapsed,
-               "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+               "lr": self._lr}
         row.update({k: float(m[k]) for k in ("train_loss", "train_acc", "val_loss", "val_acc")
                     if k in m})
+        if not math.isfinite(row.get("train_loss", 0.0)):
+            raise TrainingDiverged(f"training diverged: train_loss is {row['train_loss']} in epoch "
+                                   f"{row['epoch']}; lower optim.lr")
         self.rows.append(row)
+        self.progress.end_epoch(row)
         if self.metrics_log is not None and trainer.is_global_zero:
             self.metrics_log.append(row)
 
+    def teardown(self, trainer, pl_module, stage):
+        if self.progress is not None:
+            self.progress.close()
+
 
 class _EpochOrder(torch.utils.data.Sampler):
-    """The data layer's per-epoch order; Lightning calls set_epoch (and wraps it for DDP)."""
+    """The data layer's per-epoch order; Lightning calls set_epoch (and wraps it for DDP).
+    For an augmented split the keys carry the epoch, ``(i, epoch)``, since the augmentation
+    depends on it and worker processes never see set_epoch."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
+    def __init__(self, n: int, seed: int, shuffle: bool, with_epoch: bool = False):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -126,7 +153,8 @@ class _EpochOrder(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        return iter(epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist())
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist()
+        return iter([(i, self.epoch) for i in order] if self.with_epoch else order)
 
 
 class TorchBackend(Backend):
@@ -147,6 +175,7 @@ class TorchBackend(Backend):
     def build(self, spec, input_size):
         pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
         net = SpecModule(spec, input_size)
+        net.spec, net.input_size = spec, input_size  # for get_weights/set_weights (as mxnet's)
         if self.cfg.backend.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
@@ -159,21 +188,23 @@ class TorchBackend(Backend):
         return torch.utils.data.DataLoader(
             split, batch_size=self.cfg.data.batch_size, num_workers=workers,
             persistent_workers=workers > 0,
-            sampler=_EpochOrder(len(split), self.cfg.seed, shuffle))
+            sampler=_EpochOrder(len(split), self.cfg.seed, shuffle, split.augments))
 
     def train(self, model, train, val) -> TrainReport:
         c, hw = self.cfg, self.cfg.hardware
+        _check_gpus(hw)
         ckpt_dir = self.run_dir / "checkpoints"
         # one file, rewritten after every epoch: the full training state to resume from
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True)
         epoch_log = _EpochLog(MetricsLog(self.run_dir / "metrics.csv") if self.is_main_process
-                              else None)
+                              else None, c.trainer.progress_bar)
         self._trainer = trainer = pl.Trainer(
-            accelerator=hw.accelerator, devices=hw.devices, strategy=hw.strategy,
+            accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
+            strategy=hw.strategy,
             precision=hw.precision, max_epochs=c.trainer.max_epochs,
             limit_train_batches=_limit(c.trainer.limit_train_batches),
             limit_val_batches=_limit(c.trainer.limit_val_batches),
-            deterministic=c.trainer.deterministic, enable_progress_bar=c.trainer.progress_bar,
+            deterministic=c.trainer.deterministic, enable_progress_bar=False,  # ours: _EpochLog
             callbacks=[checkpoint, epoch_log], logger=self._logger(), default_root_dir=self.run_dir,
             enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
         train_loader, val_loader = self.input_pipeline(train, True), self.input_pipeline(val, False)
@@ -220,6 +251,23 @@ class TorchBackend(Backend):
                      if k.startswith("net.")}
         model.load_state_dict(state)
 
+    def _parameters(self, model):
+        """(canonical key, kind, param, tensor) of every parameter and batch-norm statistic."""
+        for node, kind, params in parametrised(model.spec):
+            module = model.layers[model.key(node.name)]
+            for p in params:
+                yield key(node.name, p), kind, p, getattr(module, native_name("torch", kind, p))
+
+    def get_weights(self, model) -> dict[str, np.ndarray]:
+        return {k: to_canonical("torch", kind, p, t.detach().cpu().numpy())
+                for k, kind, p, t in self._parameters(model)}
+
+    def set_weights(self, model, weights) -> None:
+        check_weights(weights, expected_shapes(model.spec, model.input_size))
+        with torch.no_grad():  # copy_ keeps each tensor's device and memory format
+            for k, kind, p, t in self._parameters(model):
+                t.copy_(torch.from_numpy(to_native("torch", kind, p, weights[k])))
+
     def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
         model = model.cpu().float().eval()
         batch = torch.export.Dim("batch")  # traced at batch 2, valid for any batch
@@ -233,6 +281,18 @@ class TorchBackend(Backend):
                               external_data=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], dynamic_shapes=({0: batch},),
                               verbose=False)
+
+
+def _check_gpus(hw) -> None:
+    if hw.accelerator != "gpu":
+        return
+    found = torch.cuda.device_count()
+    if found == 0:
+        raise ConfigError(f"hardware.accelerator=gpu but torch {torch.__version__} sees no GPU: "
+                          "use hardware=cpu, or install a CUDA build of torch (README, GPU section)")
+    if hw.devices > found:
+        raise ConfigError(f"hardware.devices={hw.devices} but torch sees {found} GPU(s): "
+                          f"use hardware.devices={found} or -1 (all)")
 
 
 def _limit(v):

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder, Scale
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("torch", "tensorflow", "keras", "mxnet", "pytorch_lightning")
+FRAMEWORKS = ("torch", "tensorflow", "keras", "mxnet", "pytorch_lightning", "onnx")
 
 # Runs run.py as a user would, then reports which frameworks the process imported.
 _PROBE = (

@@ -98,3 +98,14 @@ def test_mean_std_must_match_channels():
 def test_unknown_arch_option_is_reported():
     (line,) = _errors(edit=lambda c: c.arch.options.update({"depth": 3}))
     assert line.startswith("arch.options for lenet5")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["backend=mxnet", "hardware.precision=bf16-mixed"], "hardware.precision"),
+    (["backend=mxnet", "hardware=multi_node", "hardware.precision=32-true",
+      "hardware.num_nodes=2"], "hardware.num_nodes"),
+    (["backend=keras", "hardware.num_nodes=2"], "hardware.num_nodes"),
+])
+def test_backend_limits_are_refused_before_anything_loads(overrides, key):
+    (line,) = _errors(*overrides)
+    assert line.startswith(key) and "is not supported by backend=" in line

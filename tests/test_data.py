@@ -19,10 +19,12 @@ def test_split_is_deterministic_disjoint_and_seeded():
     tr1, va1 = ids.split(pre, 0.2, seed=1)
     tr2, va2 = ids.split(pre, 0.2, seed=1)
     _, va3 = ids.split(pre, 0.2, seed=2)
-    train_ids, val_ids = set(tr1.images[:, 0, 0, 0]), set(va1.images[:, 0, 0, 0])
+    def ids_of(split):
+        return split.raw(np.arange(len(split)))[:, 0, 0, 0]
+    train_ids, val_ids = set(ids_of(tr1)), set(ids_of(va1))
     assert len(val_ids) == 10 and not train_ids & val_ids and len(train_ids | val_ids) == n
-    assert np.array_equal(va1.images, va2.images) and np.array_equal(tr1.labels, tr2.labels)
-    assert set(va3.images[:, 0, 0, 0]) != val_ids
+    assert np.array_equal(ids_of(va1), ids_of(va2)) and np.array_equal(tr1.labels, tr2.labels)
+    assert set(ids_of(va3)) != val_ids
 
 
 def test_preprocess_resizes_adapts_channels_and_normalises():
@@ -63,3 +65,61 @@ def test_split_with_too_few_images_is_a_data_error():
     d = make_synthetic(4, 2, 8, 1, seed=0)
     with pytest.raises(DataError, match="val_fraction"):
         d.split(Preprocess(8, 1, (0.0,), (1.0,)), 0.9, seed=0, limit=1)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
+def test_vectorised_resize_reproduces_pillow(interpolation):
+    """Whole batches are resized with two matrix products built from Pillow's own filter
+    coefficients: the result is Pillow's float resize (nearest exactly)."""
+    from PIL import Image
+
+    from cnnzoo.data_resize import resize_batch
+    resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC}[interpolation]
+    rng = np.random.default_rng(0)
+    for (h, w), size in [((8, 8), 32), ((28, 28), 32), ((32, 32), 28), ((227, 199), 75),
+                         ((13, 40), 17), ((1, 5), 3)]:
+        images = rng.random((3, 2, h, w), dtype=np.float32)
+        out = resize_batch(images, size, interpolation)
+        ref = np.stack([[np.asarray(Image.fromarray(ch, mode="F").resize((size, size), resample))
+                         for ch in im] for im in images])
+        assert out.shape == ref.shape == (3, 2, size, size)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 if interpolation != "nearest" else 0)
+
+
+def test_uint8_images_scale_to_the_same_input_as_floats():
+    rng = np.random.default_rng(1)
+    u8 = rng.integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
+    u16 = u8.astype(np.uint16) * 257  # the same levels in 16 bits
+    pre = Preprocess(32, 3, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), "bicubic")
+    want = pre.batch(u8.astype(np.float32) / 255)
+    np.testing.assert_allclose(pre.batch(u8), want, atol=1e-6)
+    np.testing.assert_allclose(pre.batch(u16), want, atol=1e-6)
+
+
+def test_channel_conversions():
+    rgba = np.zeros((1, 4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 7  # pure red, almost transparent
+    gray = Preprocess(4, 1, (0.0,), (1.0,)).batch(rgba)
+    np.testing.assert_allclose(gray, 0.299, atol=1e-6)  # luma of red; alpha ignored
+    rgb = Preprocess(4, 3, (0.0,), (1.0,)).batch(rgba)  # one mean/std for all channels
+    np.testing.assert_allclose(rgb[0, :, 0, 0], [1, 0, 0], atol=1e-6)
+    g = np.full((1, 4, 4, 1), 51, np.uint8)
+    np.testing.assert_allclose(Preprocess(4, 3, (0.0,) * 3, (1.0,) * 3).batch(g), 0.2, atol=1e-6)
+
+
+def test_split_indexes_its_source_without_copying():
+    images = np.zeros((30, 4, 4, 1), np.uint8)
+    tr, va = Dataset("z", images, np.arange(30) % 2, ["a", "b"]).split(
+        Preprocess(4, 1, (0.0,), (1.0,)), 0.2, seed=0)
+    assert tr.source.array is images and va.source.array is images
+    assert sorted(np.concatenate([tr.index, va.index]).tolist()) == list(range(30))
+
+
+def test_metadata_records_the_whole_contract():
+    from cnnzoo.data import Augment
+    meta = Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3, "bicubic", Augment(4, True)).metadata()
+    assert meta["resize"] == [32, 32] and meta["interpolation"] == "bicubic"
+    assert meta["mean"] == [0.5] * 3 and "255" in meta["scale"] and meta["channels"] == 3
+    assert meta["augment"]["random_crop_padding"] == 4 and meta["augment"]["horizontal_flip"]
+    assert "training split only" in meta["augment"]["applies_to"]

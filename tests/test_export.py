@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from onnx import numpy_helper
 
 from conftest import compose_cfg, toy_spec
-from export import export_and_verify, read_metadata, verify
-from export.verify import compare
+from export import export_and_verify, read_metadata
+from export.verify import compare, verify
 from runners.torch_runner import TorchBackend
 
 

@@ -1,0 +1,53 @@
+"""How much faster a sweep runs with trials in parallel (joblib launcher) than one after another.
+
+Runs the same N-trial grid sweep through run.py, sequentially (Hydra's basic launcher) and with
+``launcher=joblib`` at --jobs processes, alternating, --repeats times each; prints the median wall
+times and their ratio. Usage:
+
+    python bench/sweep_parallel.py [--trials 4] [--jobs 2] [--repeats 3] [--epochs 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep(extra: list[str], trials: int, epochs: int) -> float:
+    lrs = ",".join(f"{0.001 * (k + 1):g}" for k in range(trials))
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "run.py", "-m", f"optim.lr={lrs}", f"trainer.max_epochs={epochs}",
+               "trainer.progress_bar=false", f"hydra.sweep.dir={tmp}/sweep", *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
+    a = p.parse_args()
+    seq, par = [], []
+    for _ in range(a.repeats):  # alternate, so both see the same machine conditions
+        seq.append(sweep([], a.trials, a.epochs))
+        par.append(sweep(["launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"], a.trials,
+                         a.epochs))
+    s, q = statistics.median(seq), statistics.median(par)
+    print(f"{a.trials} trials of LeNet-5 ({a.epochs} epochs, digits), {a.repeats} repeats")
+    print(f"sequential (basic launcher): median {s:.1f} s  runs {[round(x, 1) for x in seq]}")
+    print(f"joblib, {a.jobs} jobs:          median {q:.1f} s  runs {[round(x, 1) for x in par]}")
+    print(f"speed-up: {s / q:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""``task=eval``: evaluate a trained run's checkpoint on its validation split (or other data).
+
+    python run.py task=eval eval.run_dir=outputs/lenet5-torch/<run>
+    python run.py task=eval eval.run_dir=<run> data=mnist data.path=~/data/mnist
+
+The trained run's resolved config (config.yaml) rebuilds the same architecture, backend and
+preprocessing; ``data`` and ``hardware`` come from the command line when given there. Writes
+eval.json (loss, accuracy, per-class accuracy, confusion matrix) and confusion_matrix.png.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .rundir import write_json
+from .validate import ConfigError, validate
+
+_FROM_COMMAND_LINE = ("data", "hardware")
+
+
+def trained_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
+    """This config with the trained run's arch, backend, seed, data and hardware; data and
+    hardware stay as the command line set them, if it did."""
+    src = Path(cfg.eval.run_dir or "")
+    if not cfg.eval.run_dir or not (src / "config.yaml").is_file() or not (
+            src / "results.json").is_file():
+        raise ConfigError(f"eval.run_dir={cfg.eval.run_dir!r} is not a finished training run "
+                          "(needs config.yaml and results.json): give a run directory of task=train")
+    saved = OmegaConf.load(src / "config.yaml")
+    trained = cfg.copy()
+    for key in ("arch", "backend", "seed"):
+        trained[key] = saved[key]
+    for key in _FROM_COMMAND_LINE:
+        if not any(o.startswith((f"{key}=", f"{key}.")) for o in overrides):
+            trained[key] = saved[key]
+    validate(trained)
+    checkpoint = json.loads((src / "results.json").read_text()).get("checkpoint")
+    if not checkpoint or not (src / checkpoint).is_file():
+        raise ConfigError(f"eval.run_dir={src}: its checkpoint {checkpoint!r} is missing")
+    return trained, src / checkpoint
+
+
+def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+    from .report import plot_confusion
+    from .tasks import build_model, prepare
+
+    trained, checkpoint = trained_config(cfg, overrides)
+    exp = prepare(trained)
+    backend, model, _ = build_model(trained, run_dir, exp)
+    backend.load_checkpoint(model, checkpoint)
+    split, classes = exp.val_split, exp.dataset.classes
+    step = cfg.eval.batch_size or trained.data.batch_size
+    logits, labels = [], []
+    for start in range(0, len(split), step):
+        x, y = split.batch(start, start + step)
+        logits.append(backend.predict(model, x))
+        labels.append(y)
+    logits, labels = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
+    result = scores(logits, labels, len(classes))
+    result.update({"task": "eval", "run_dir": str(Path(cfg.eval.run_dir)),
+                   "checkpoint": str(checkpoint), "arch": exp.spec.name,
+                   "backend": trained.backend.name, "data": trained.data.name,
+                   "images": len(labels), "classes": classes})
+    write_json(run_dir / "eval.json", result)
+    plot_confusion(np.array(result["confusion_matrix"]), classes, run_dir / "confusion_matrix.png",
+                   f"{exp.spec.name} on {trained.backend.name}: accuracy {result['acc']:.4f}")
+    print(f"eval of {checkpoint} on {trained.data.name} ({len(labels)} images): "
+          f"accuracy {result['acc']:.4f}, loss {result['loss']:.4f}; {run_dir / 'eval.json'}")
+    return result["acc"]
+
+
+def scores(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Cross-entropy, accuracy, per-class accuracy and the confusion matrix (rows: truth)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    predicted = logits.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+            "acc": float((predicted == labels).mean()),
+            "per_class_acc": [float(a) for a in per_class],
+            "confusion_matrix": confusion.tolist()}

@@ -1,0 +1,552 @@
+"""Keras (TensorFlow) backend: the spec as a functional ``keras.Model`` (NHWC), trained with
+``model.fit`` on a ``tf.data`` pipeline fed by the project's data layer.
+
+- Layout: the data layer yields NCHW batches; ``to_nhwc`` is the one place they are transposed
+  for Keras (training, validation, ``predict``). The exported ONNX model takes NHWC
+  (``onnx_layout``), as the shared verification stage knows.
+- Hardware: ``hardware.accelerator`` picks the CPU or the GPUs TensorFlow sees; with
+  ``hardware.devices`` > 1 (or -1: all) the model is replicated by ``tf.distribute.
+  MirroredStrategy`` in this one process, over GPUs or over as many logical CPU devices (so
+  ``hardware=ddp_cpu``, a torch DDP preset, trains on two mirrored CPU replicas). Each batch of
+  ``data.batch_size`` images is split over the replicas (as the mxnet backend does).
+  ``hardware.precision`` maps to Keras' mixed-precision policies; the logits layers stay float32.
+- Optimizers mean what torch's do where Keras allows: SGD (momentum, Nesterov), Adam and RMSProp
+  add ``weight_decay * w`` to the gradient, which Keras expresses as an L2 regularizer of
+  ``weight_decay / 2`` on every trainable weight (Keras' own ``weight_decay`` argument is
+  decoupled, which is torch's AdamW and is used for AdamW only). Remaining differences: Keras'
+  RMSProp adds ``eps`` inside the square root (TensorFlow's and the Inception papers' RMSProp;
+  torch adds it outside), Adam adds it after bias-correcting the rate instead of the moment, and
+  SGD's momentum holds ``lr * gradient`` (identical steps while the rate is constant). The
+  cosine schedule is set per epoch, like torch's ``CosineAnnealingLR``.
+- Files in the run directory: ``metrics.csv``, ``tensorboard/`` (the metrics.csv scalars),
+  ``checkpoints/last.keras`` (model, weights and optimizer state; rewritten atomically after
+  every epoch; after the last epoch it is the final model).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from cnnzoo.data import epoch_order
+from cnnzoo.progress import EpochProgress
+from cnnzoo.rundir import MetricsLog
+from cnnzoo.validate import ConfigError
+
+from .base import Backend, TrainingDiverged, TrainReport
+from .keras_model import build_model, inference_model, keras, tf  # TensorFlow, imported quietly
+from .weight_layouts import (DEPTHWISE, check_weights, expected_shapes, key, native_name,
+                             parametrised, to_canonical, to_native)
+
+PRECISION_POLICIES = {"32-true": None, "bf16-mixed": "mixed_bfloat16",
+                      "16-mixed": "mixed_float16"}
+CHECKPOINT = "last.keras"
+
+
+def to_nhwc(images: np.ndarray) -> np.ndarray:
+    """The data layer's NCHW float32 batch as the NHWC batch Keras takes: the one place the
+    layout changes."""
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
+def num_batches(limit, total: int) -> int:
+    """Lightning's rule for ``trainer.limit_*_batches``: a fraction (<= 1.0) of the batches, at
+    least one, or a whole number of them."""
+    return min(total, int(limit)) if limit > 1 else max(1, int(total * limit))
+
+
+def learning_rate(c, epoch: int, max_epochs: int) -> float:
+    """The rate of 0-based ``epoch``: constant, or cosine to 0 over ``max_epochs`` as torch's
+    CosineAnnealingLR stepped once per epoch."""
+    if c.scheduler == "cosine":
+        return c.lr * (1 + math.cos(math.pi * epoch / max_epochs)) / 2
+    return c.lr
+
+
+def coupled_weight_decay(c) -> float:
+    """The weight decay that becomes L2 regularization (torch's SGD/Adam/RMSprop meaning); AdamW
+    decays decoupled, inside the optimizer."""
+    return 0.0 if c.name == "adamw" else float(c.weight_decay or 0.0)
+
+
+def make_optimizer(c, policy: str | None):
+    lr, eps = c.lr, c.get("eps")
+    if c.name == "sgd":
+        opt = keras.optimizers.SGD(lr, momentum=c.get("momentum") or 0.0,
+                                   nesterov=bool(c.get("nesterov", False)))
+    elif c.name == "adam":  # torch's eps (Keras' default is 1e-7)
+        opt = keras.optimizers.Adam(lr, epsilon=1e-8 if eps is None else eps)
+    elif c.name == "rmsprop":  # torch's alpha is Keras' rho; defaults: the Inception papers'
+        opt = keras.optimizers.RMSprop(lr, rho=c.get("alpha", 0.9),
+                                       epsilon=1.0 if eps is None else eps,
+                                       momentum=c.get("momentum") or 0.0)
+    else:  # adamw: Keras' decoupled decay is torch's AdamW: w -= lr * weight_decay * w
+        opt = keras.optimizers.AdamW(lr, weight_decay=c.weight_decay,
+                                     epsilon=1e-8 if eps is None else eps)
+    if policy == "mixed_float16":  # float16 gradients need loss scaling
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+# --------------------------------------------------------------------------- callbacks
+class _TensorBoard:
+    """The metrics.csv scalars, one event per epoch, under the same tags as the other backends."""
+
+    def __init__(self, logdir: Path):
+        self.writer = tf.summary.create_file_writer(str(logdir))
+
+    def write(self, step: int, scalars: dict) -> None:
+        with self.writer.as_default(step=step):
+            for k, v in scalars.items():
+                tf.summary.scalar(k, float(v))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """Sets the epoch's learning rate, times training excluding validation, writes
+    metrics.csv/TensorBoard, drives the shared progress display, stops on a NaN loss and
+    rewrites the checkpoint (atomically) after each epoch."""
+
+    def __init__(self, backend: KerasBackend, steps: int, images_per_epoch: int,
+                 outputs: list[str], aux_weight: float, checkpoint: Path):
+        super().__init__()
+        c = backend.cfg
+        self.optim, self.max_epochs = c.optim, c.trainer.max_epochs
+        self.images_per_epoch, self.checkpoint = images_per_epoch, checkpoint
+        # Keras prefixes metrics with the output's name when a model has several outputs
+        prefix = (lambda o: f"{o}_") if len(outputs) > 1 else (lambda o: "")
+        self.acc_key = f"{prefix(outputs[0])}acc"
+        self.ce_keys = [f"{prefix(o)}ce" for o in outputs]
+        self.aux_weight = aux_weight
+        self.metrics_log = MetricsLog(backend.run_dir / "metrics.csv")
+        self.board = _TensorBoard(backend.run_dir / "tensorboard")
+        self.progress = EpochProgress(self.max_epochs, steps, c.trainer.progress_bar)
+        self.rows, self.train_time, self.images = [], 0.0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.lr = learning_rate(self.optim, epoch, self.max_epochs)
+        self.model.optimizer.learning_rate = self.lr
+        self.progress.start_epoch(epoch + 1)
+        self._t0, self._val_time, self._steps_shown = time.perf_counter(), 0.0, 0
+
+    def on_test_begin(self, logs=None):
+        self._v0 = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._val_time += time.perf_counter() - self._v0
+
+    def _loss(self, logs: dict) -> float:
+        """torch's training loss: the logits' cross-entropy plus the weighted auxiliary ones
+        (Keras' own ``loss`` also holds the L2 penalty of the weight decay)."""
+        main, *aux = (logs[k] for k in self.ce_keys)
+        return float(main + self.aux_weight * sum(aux))
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._t0
+        self.train_time += elapsed - self._val_time
+        self.images += self.images_per_epoch
+        row = {"epoch": epoch + 1, "train_loss": self._loss(logs),
+               "train_acc": float(logs[self.acc_key]), "lr": self.lr, "epoch_time_s": elapsed}
+        if f"val_{self.ce_keys[0]}" in logs:  # validation: the logits alone, as in inference
+            row["val_loss"] = float(logs[f"val_{self.ce_keys[0]}"])
+            row["val_acc"] = float(logs[f"val_{self.acc_key}"])
+        if not math.isfinite(row["train_loss"]):
+            raise TrainingDiverged(f"training diverged: train_loss is {row['train_loss']} in "
+                                   f"epoch {row['epoch']}; lower optim.lr")
+        self.rows.append(row)
+        self.metrics_log.append(row)
+        self.board.write(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
+        self.progress.end_epoch(row)
+        save_atomically(self.model, self.checkpoint)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.board.close()
+
+
+class _LiveEpochLog(_EpochLog):
+    """With a live terminal display: also reports every step. (A batch hook makes Keras read
+    the running metrics after each step, so it is installed only when something shows them.)"""
+
+    def on_train_batch_end(self, batch, logs=None):
+        # ``batch`` is the last step of the compiled call (steps_per_execution may be > 1)
+        done, self._steps_shown = batch + 1 - self._steps_shown, batch + 1
+        loss = self._loss(logs) if all(k in logs for k in self.ce_keys) else logs.get("loss")
+        self.progress.step(done, lambda: {"loss": loss, "acc": logs.get(self.acc_key)})
+
+
+def _check_options(b) -> None:
+    """conf/backend/keras.yaml's options, one error line per bad value (before TF starts)."""
+    def whole(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    errors = []
+    if b.get("jit_compile", "auto") not in ("auto", True, False):
+        errors.append(f"backend.jit_compile={b.jit_compile!r} is invalid: expected auto, true "
+                      "or false")
+    if not whole(b.get("steps_per_execution", 1), 1):
+        errors.append(f"backend.steps_per_execution={b.steps_per_execution!r} is invalid: "
+                      "expected a positive integer")
+    lift = b.get("onnx_lift_min_size", 1)
+    if lift is not None and not whole(lift, 1):
+        errors.append(f"backend.onnx_lift_min_size={lift!r} is invalid: expected a positive "
+                      "integer or null")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def _divisor_at_most(n: int, steps: int) -> int:
+    """The largest divisor of ``steps`` that is <= ``n``: a compiled call of several batches
+    stops only when it has run all of them, so it must never straddle two epochs."""
+    return max(d for d in range(1, max(1, min(n, steps)) + 1) if steps % d == 0)
+
+
+def save_atomically(model, path: Path) -> None:
+    """``model.save`` to a temporary ``.keras`` file beside ``path``, then rename it, so a crash
+    never leaves half a checkpoint where a good one was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}-tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the backend
+class _Inference:
+    """A float32, logits-only model for ``predict`` and export, its compiled call, and the
+    model it stands for (kept, so that its ``id`` is never reused while cached)."""
+
+    def __init__(self, source, model):
+        self.source, self.model = source, model
+        self.call = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
+                                jit_compile=False)
+
+
+class KerasBackend(Backend):
+    name = "keras"
+    onnx_layout = "NHWC"
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        _check_options(cfg.backend)
+        self.policy = PRECISION_POLICIES[cfg.hardware.precision]
+        self.devices, self.kind = self._configure_devices()
+        if cfg.trainer.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.strategy = (tf.distribute.MirroredStrategy(self.devices) if len(self.devices) > 1
+                         else tf.distribute.get_strategy())
+        self._built: dict[int, tuple] = {}      # id(model) -> (spec, input_size)
+        self._inference: dict[int, _Inference] = {}
+
+    # ---------------------------------------------------------------- hardware
+    def _configure_devices(self) -> tuple[list[str], str]:
+        """The devices ``hardware`` asks for, set up before TensorFlow initializes its runtime:
+        hidden GPUs for the CPU, logical CPU devices for mirrored CPU replicas, thread pools."""
+        hw = self.cfg.hardware
+        if hw.get("num_nodes", 1) != 1:
+            raise ConfigError(f"hardware.num_nodes={hw.num_nodes}: the keras backend trains on "
+                              "one machine (hardware.num_nodes=1)")
+        gpus = tf.config.list_physical_devices("GPU")
+        if hw.accelerator == "gpu" and (not gpus or hw.devices > len(gpus)):
+            raise ConfigError(f"hardware.accelerator=gpu, hardware.devices={hw.devices}, but "
+                              f"TensorFlow sees {len(gpus)} GPU(s): a GPU needs TensorFlow's CUDA "
+                              "build (README, GPU section), else use hardware=cpu")
+        use_gpu = hw.accelerator == "gpu" or (hw.accelerator == "auto" and gpus
+                                             and len(gpus) >= hw.devices)
+        try:
+            if use_gpu:
+                for gpu in gpus:  # take memory as needed (onnxruntime may share the GPU)
+                    tf.config.experimental.set_memory_growth(gpu, True)
+                count = len(gpus) if hw.devices == -1 else hw.devices
+                devices = [f"/gpu:{i}" for i in range(count)]
+            else:
+                if gpus:
+                    tf.config.set_visible_devices([], "GPU")
+                count = (os.cpu_count() or 1) if hw.devices == -1 else hw.devices
+                if count > 1:
+                    cpu = tf.config.list_physical_devices("CPU")[0]
+                    tf.config.set_logical_device_configuration(
+                        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+                devices = [f"/cpu:{i}" for i in range(count)]
+            if hw.threads:
+                tf.config.threading.set_intra_op_parallelism_threads(hw.threads)
+                # mirrored replicas are independent ops: let them run side by side
+                tf.config.threading.set_inter_op_parallelism_threads(hw.threads * len(devices))
+        except RuntimeError:  # TensorFlow already initialized in this process (e.g. tests)
+            kind = "GPU" if use_gpu else "CPU"
+            found = len(tf.config.list_logical_devices(kind))
+            count = found if hw.devices == -1 else hw.devices
+            if found < count:
+                raise ConfigError(f"hardware.devices={hw.devices}: TensorFlow is already "
+                                  f"initialized in this process with {found} {kind} device(s)")
+            devices = [f"/{kind.lower()}:{i}" for i in range(count)]
+        return devices, "gpu" if use_gpu else "cpu"
+
+    def _announce_strategy(self) -> None:
+        hw = self.cfg.hardware
+        if len(self.devices) < 2:
+            return
+        what = f"{len(self.devices)} {'GPUs' if self.kind == 'gpu' else 'logical CPU devices'}"
+        note = (f"hardware.strategy={hw.strategy} is a torch concept; " if hw.strategy not in
+                ("auto", None) else "")
+        print(f"keras: {note}training with tf.distribute.MirroredStrategy over {what} in this "
+              f"process ({', '.join(self.devices)})", flush=True)
+
+    # ---------------------------------------------------------------- model
+    def build(self, spec, input_size):
+        keras.utils.set_random_seed(self.cfg.seed)  # Python, NumPy and TensorFlow
+        with self.strategy.scope():
+            model = build_model(spec, input_size, self.policy,
+                                coupled_weight_decay(self.cfg.optim))
+        self._built[id(model)] = (spec, input_size)
+        return model
+
+    def count_params(self, model) -> int:
+        return int(sum(math.prod(w.shape) for w in model.trainable_weights))
+
+    def input_pipeline(self, split, shuffle: bool, epochs: int = 1, limit: int | None = None):
+        """A ``tf.data.Dataset`` of (NHWC images, labels) batches: epoch 0's batches in
+        ``epoch_order(len(split), seed, 0, shuffle)``, then epoch 1's, ... up to ``epochs``,
+        each epoch with its own augmentation; ``limit`` batches per epoch (default all).
+        Training runs ``model.fit`` over it with ``steps_per_epoch`` = batches per epoch, so
+        epoch e consumes exactly epoch e's batches."""
+        bs, seed = self.cfg.data.batch_size, self.cfg.seed
+        per_epoch = math.ceil(len(split) / bs)
+        per_epoch = per_epoch if limit is None else min(per_epoch, limit)
+        c, size = split.preprocess.channels, split.preprocess.size
+
+        def batches():
+            for epoch in range(epochs):
+                order = epoch_order(len(split), seed, epoch, shuffle)
+                for b in range(per_epoch):
+                    x, y = split.take(order[b * bs:(b + 1) * bs], epoch)
+                    yield to_nhwc(x), y
+
+        ds = tf.data.Dataset.from_generator(batches, output_signature=(
+            tf.TensorSpec((None, size, size, c), tf.float32), tf.TensorSpec((None,), tf.int64)))
+        options = tf.data.Options()
+        options.deterministic = True
+        # one worker: the batches are split over the replicas, never sharded by file
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF)
+        # a known length: Keras then never reads past the last batch (or warns that it ran out)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(epochs * per_epoch))
+        return ds.with_options(options).prefetch(2)
+
+    # ---------------------------------------------------------------- training
+    def train(self, model, train, val) -> TrainReport:
+        c = self.cfg
+        self._announce_strategy()
+        spec, _ = self._built[id(model)]
+        outputs = list(model.output_names)
+        bs, max_epochs = c.data.batch_size, c.trainer.max_epochs
+        steps = num_batches(c.trainer.limit_train_batches, math.ceil(len(train) / bs))
+        val_steps = num_batches(c.trainer.limit_val_batches, math.ceil(len(val) / bs))
+        train_ds = self.input_pipeline(train, True, max_epochs, steps)
+        val_ds = self.input_pipeline(val, False, 1, val_steps)
+        if len(outputs) > 1:  # every head is trained on the same labels
+            copies = lambda x, y: (x, (y,) * len(outputs))  # noqa: E731
+            train_ds, val_ds = train_ds.map(copies), val_ds.map(copies)
+
+        def ce():
+            return keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")
+
+        with self.strategy.scope():
+            model.compile(
+                optimizer=make_optimizer(c.optim, self.policy),
+                loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * len(outputs),
+                loss_weights=[1.0] + [spec.aux_weight] * (len(outputs) - 1),
+                metrics=[[keras.metrics.SparseCategoricalAccuracy(name="acc"), ce()]]
+                + [[ce()] for _ in outputs[1:]],
+                jit_compile=c.backend.get("jit_compile", "auto"),
+                steps_per_execution=_divisor_at_most(c.backend.get("steps_per_execution", 1),
+                                                     steps))
+        images_per_epoch = min(steps * bs, len(train))
+        checkpoint = self.run_dir / "checkpoints" / CHECKPOINT
+        progress_live = c.trainer.progress_bar and sys.stdout.isatty()
+        log = (_LiveEpochLog if progress_live else _EpochLog)(
+            self, steps, images_per_epoch, outputs, spec.aux_weight, checkpoint)
+        try:
+            model.fit(train_ds, epochs=max_epochs, steps_per_epoch=steps,
+                      validation_data=val_ds, callbacks=[log], verbose=0, shuffle=False)
+        finally:
+            log.close()
+            self._inference.pop(id(model), None)  # the weights changed
+        seconds = max(log.train_time, 1e-9)
+        return TrainReport(history=log.rows, train_time_s=seconds,
+                           images_per_s=log.images / seconds,
+                           checkpoint=checkpoint if checkpoint.exists() else None,
+                           # keys beside the hardware config in results.json (none replaces one)
+                           extra={"device": self.devices[0], "replica_devices": self.devices,
+                                  "replicas": self.strategy.num_replicas_in_sync,
+                                  "distribution": ("MirroredStrategy" if len(self.devices) > 1
+                                                   else "none"),
+                                  "dtype_policy": self.policy or "float32"})
+
+    # ---------------------------------------------------------------- inference
+    def _inference_of(self, model) -> _Inference:
+        """The float32 logits-only view of ``model``: its own layers when it computes in
+        float32, else the spec rebuilt in float32 with ``model``'s weights (mixed precision)."""
+        cached = self._inference.get(id(model))
+        if cached is None or cached.source is not model:
+            view = model
+            if self.policy is not None:
+                spec, size = self._built[id(model)]
+                with tf.device("/cpu:0"):
+                    view = build_model(spec, size)
+                view.set_weights(model.get_weights())
+            cached = self._inference[id(model)] = _Inference(model, inference_model(view))
+        return cached
+
+    def evaluate(self, model, split) -> dict[str, float]:
+        loss = correct = 0.0
+        step = self.cfg.data.batch_size
+        for start in range(0, len(split), step):
+            x, y = split.batch(start, start + step)
+            logits = self.predict(model, x).astype(np.float64)
+            shifted = logits - logits.max(1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+            loss -= log_probs[np.arange(len(y)), y].sum()
+            correct += (logits.argmax(1) == y).sum()
+        return {"loss": loss / len(split), "acc": float(correct) / len(split)}
+
+    def predict(self, model, images: np.ndarray) -> np.ndarray:
+        with tf.device("/cpu:0"):
+            out = self._inference_of(model).call(tf.constant(to_nhwc(images)))
+        return np.asarray(out, dtype=np.float32)
+
+    # ---------------------------------------------------------------- weights
+    def _parameters(self, model):
+        """(canonical key, kind, param, Keras variable) of every parameter and statistic;
+        a spec convolution that became a ``DepthwiseConv2D`` has its own kernel layout."""
+        spec, _ = self._built[id(model)]
+        for node, kind, params in parametrised(spec):
+            layer = model.get_layer(node.name)
+            if isinstance(layer, keras.layers.DepthwiseConv2D):
+                kind = DEPTHWISE
+            for p in params:
+                yield key(node.name, p), kind, p, getattr(layer, native_name("keras", kind, p))
+
+    def get_weights(self, model) -> dict[str, np.ndarray]:
+        return {k: to_canonical("keras", kind, p, np.asarray(v.numpy()))
+                for k, kind, p, v in self._parameters(model)}
+
+    def set_weights(self, model, weights) -> None:
+        spec, size = self._built[id(model)]
+        check_weights(weights, expected_shapes(spec, size))
+        for k, kind, p, v in self._parameters(model):
+            v.assign(to_native("keras", kind, p, weights[k]))
+        self._inference.pop(id(model), None)  # a mixed-precision float32 copy is stale now
+
+    # ---------------------------------------------------------------- files
+    def save_checkpoint(self, model, path: Path) -> None:
+        """``.keras``: the whole model (architecture, weights, optimizer state if compiled);
+        ``.weights.h5``: the weights only."""
+        path = Path(path)
+        if path.name.endswith(".weights.h5"):
+            model.save_weights(path)
+        elif path.suffix == ".keras":
+            model.save(path)
+        else:
+            raise ValueError(f"{path.name}: keras checkpoints end in .keras or .weights.h5")
+
+    def load_checkpoint(self, model, path: Path) -> None:
+        """Weights from a ``.keras`` file (loaded with ``safe_mode=True``: no code from the
+        file runs) or a ``.weights.h5`` file into ``model``."""
+        path = Path(path)
+        if path.name.endswith(".weights.h5"):
+            model.load_weights(path)
+        else:
+            saved = keras.models.load_model(path, safe_mode=True, compile=False)
+            model.set_weights(saved.get_weights())
+        self._inference.pop(id(model), None)
+
+    def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
+        """The float32 logits-only model through tf2onnx, input "input" (N, H, W, C) with a
+        dynamic N, output "logits".
+
+        - Keras' ``model.export(format="onnx")`` hands tf2onnx a graph with every weight
+          frozen into it, and tf2onnx copies that graph many times while converting it:
+          VGG-16 runs out of 23 GB, Inception-ResNet-v2 peaks at 11 GB. So weights with at
+          least ``backend.onnx_lift_min_size`` elements (default 1: all) are fed to the
+          converter as graph inputs (``stateless_call``) and attached afterwards as
+          initializers (peak 2 GB, and faster). The graph then computes batch norm from its
+          parameters instead of folding it into the convolution weights; onnxruntime folds
+          it when it loads the model. ``onnx_lift_min_size: null`` (or no weight that large)
+          is exactly ``model.export``.
+        - tf2onnx 1.17 writes opsets up to 18; a higher ``opset`` is reached with
+          ``onnx.version_converter`` (on the graph without the lifted weights)."""
+        import onnx
+        import tf2onnx
+        from onnx import version_converter
+
+        logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its INFO lines are noise here
+        first = min(opset, max(tf2onnx.constants.OPSET_TO_IR_VERSION))
+        view = self._inference_of(model).model
+        lift_min = self.cfg.backend.get("onnx_lift_min_size", 1)
+        lifted = [] if lift_min is None else [
+            v for v in view.variables if v.dtype == "float32" and math.prod(v.shape) >= lift_min]
+        signature = [tf.TensorSpec((None, *view.input_shape[1:]), tf.float32, name="input")]
+        with warnings.catch_warnings(), tf.device("/cpu:0"):
+            warnings.simplefilter("ignore")  # Keras' numpy-2 shim for tf2onnx warns on numpy 1
+            if lifted:
+                onnx_model, weights = _convert_with_lifted_weights(view, signature, lifted, first)
+            else:
+                view.export(str(path), format="onnx", verbose=False,
+                            input_signature=signature, opset_version=first)
+                onnx_model, weights = onnx.load(str(path)), {}
+        if opset > first:
+            onnx_model = version_converter.convert_version(onnx_model, opset)
+        _attach_initializers(onnx_model.graph, weights)
+        _rename(onnx_model.graph, {onnx_model.graph.output[0].name: "logits"})
+        onnx.save(onnx_model, str(path))
+
+
+def _convert_with_lifted_weights(view, signature, lifted, opset: int):
+    """tf2onnx on ``view`` with the ``lifted`` variables as extra graph inputs; returns the ONNX
+    model and those inputs' values by name."""
+    import tf2onnx
+
+    trainable, other = list(view.trainable_variables), list(view.non_trainable_variables)
+    lifted_at = {id(v): i for i, v in enumerate(lifted)}
+    specs = [tf.TensorSpec(v.shape, tf.float32, name=f"lifted_{i}") for i, v in enumerate(lifted)]
+
+    def forward(x, *weights):
+        def values(variables):
+            return [weights[lifted_at[id(v)]] if id(v) in lifted_at else v.value
+                    for v in variables]
+        logits, _ = view.stateless_call(values(trainable), values(other), x, training=False)
+        return logits
+
+    fn = tf.function(forward, input_signature=signature + specs)
+    onnx_model, _ = tf2onnx.convert.from_function(fn, signature + specs, opset=opset)
+    return onnx_model, {spec.name: np.asarray(v.numpy()) for v, spec in zip(lifted, specs)}
+
+
+def _attach_initializers(graph, weights: dict) -> None:
+    """Turn the graph inputs named in ``weights`` into initializers holding those values."""
+    from onnx import numpy_helper
+
+    if not weights:
+        return
+    graph.initializer.extend(numpy_helper.from_array(w, name) for name, w in weights.items())
+    kept = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(kept)
+
+
+def _rename(graph, names: dict[str, str]) -> None:
+    """Rename values of an ONNX graph (inputs, outputs and every node's references)."""
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        value.name = names.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]

@@ -1,0 +1,577 @@
+"""MXNet backend: the spec as a hybridized Gluon ``HybridBlock``, trained with ``gluon.Trainer``.
+
+- Hardware: one CPU or GPU context, or ``hardware.devices`` contexts in this one process (each
+  batch split over them, gradients summed by a kvstore): ``hardware=ddp_cpu`` trains on
+  ``cpu(0)`` and ``cpu(1)``. GPUs need the CUDA build of MXNet (``mxnet-cu112``). Only 32-bit
+  precision is supported.
+- MXNet reads its CPU thread settings when it is imported, so this module imports it only when
+  the backend is created, after setting ``OMP_NUM_THREADS`` / ``MXNET_OMP_MAX_THREADS`` from
+  ``hardware.threads``; the compatibility shims (``cnnzoo.compat.patch_mxnet``) come first.
+- Optimizers mean what torch's do: SGD (momentum, Nesterov) and Adam add the weight decay to the
+  gradient (MXNet's own ``sgd``/``nag``/``adam``); AdamW decays the weights directly and RMSProp
+  follows ``torch.optim.RMSprop`` (decay ``alpha``, ``eps`` outside the square root, momentum),
+  both implemented below. Two details of MXNet's fused updates remain: the SGD momentum buffer
+  holds ``lr * gradient`` (same steps as torch while the rate is constant; the cosine schedule
+  changes it once per epoch), and Adam adds ``eps`` to the square root of the second moment
+  before its bias correction, torch after it (the two differ only while ``sqrt(v)`` ~ ``eps``).
+- Files in the run directory: ``metrics.csv``, ``tensorboard/``, ``checkpoints/last.params``
+  (``save_parameters``) and ``checkpoints/last.states`` (``Trainer.save_states``), both rewritten
+  after every epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnnzoo.compat import patch_mxnet, tensorboard_without_tensorflow
+from cnnzoo.data import epoch_order
+from cnnzoo.progress import EpochProgress
+from cnnzoo.rundir import MetricsLog
+from cnnzoo.validate import ConfigError
+
+from .base import Backend, TrainingDiverged, TrainReport
+from .weight_layouts import (check_weights, expected_shapes, key, native_name, parametrised,
+                             to_canonical, to_native)
+
+patch_mxnet()  # numpy.bool and onnx.mapping, before mxnet is imported (see _mxnet)
+
+KVSTORES = ("device", "local")
+EXPORTER_OPSET = 13  # the newest opset mx.onnx.export_model has translations for
+
+
+def _mxnet(threads: int | None = None, deterministic: bool = False):
+    """Import MXNet (once). It reads its OpenMP thread counts only while it loads, so they are
+    put in the environment for the import and taken out again (child processes and other
+    libraries keep the user's settings); later calls return the module as it is."""
+    if "mxnet" not in sys.modules:
+        settings = {}
+        if threads:
+            settings.update(OMP_NUM_THREADS=str(threads), MXNET_OMP_MAX_THREADS=str(threads))
+        if deterministic:
+            settings["MXNET_ENFORCE_DETERMINISM"] = "1"
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            import mxnet  # noqa: F401
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    import mxnet
+    return mxnet
+
+
+# --------------------------------------------------------------------------- data
+class EpochBatches:
+    """A Split as (images, labels) NDArray batches on the CPU, in ``cnnzoo.data.epoch_order``
+    for the current epoch (``set_epoch``) and with that epoch's augmentation, so every backend
+    sees the same batches; labels are float32, as MXNet's loss and accuracy take them.
+    ``limit`` caps the number of batches."""
+
+    def __init__(self, split, batch_size: int, seed: int, shuffle: bool, limit: int | None = None):
+        self.split, self.batch_size, self.seed, self.shuffle = split, batch_size, seed, shuffle
+        self.epoch = 0
+        self.num_batches = math.ceil(len(split) / batch_size)
+        if limit is not None:
+            self.num_batches = min(self.num_batches, limit)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        mx = _mxnet()
+        order = epoch_order(len(self.split), self.seed, self.epoch, self.shuffle)
+        for b in range(self.num_batches):
+            x, y = self.split.take(order[b * self.batch_size:(b + 1) * self.batch_size],
+                                   self.epoch)
+            yield mx.nd.array(x, dtype=np.float32), mx.nd.array(y, dtype=np.float32)
+
+
+def _num_batches(limit, total: int) -> int:
+    """Lightning's rule: a fraction (<= 1.0) of the batches, at least one, or a whole number."""
+    return min(total, int(limit)) if limit > 1 else max(1, int(total * limit))
+
+
+# --------------------------------------------------------------------------- optimizers
+@functools.cache
+def _optimizer_classes() -> dict:
+    """torch-equivalent AdamW and RMSprop as MXNet optimizers. They subclass MXNet's classes,
+    which exist only once MXNet is imported (after the thread settings), hence this function;
+    they pickle through ``_restore_optimizer`` (``Trainer.save_states`` pickles the optimizer)."""
+    mx = _mxnet()
+    nd = mx.nd
+
+    class _Picklable:
+        def __reduce__(self):
+            return _restore_optimizer, (type(self).__name__,), self.__getstate__()
+
+    class AdamW(_Picklable, mx.optimizer.Adam):
+        """``torch.optim.AdamW``: weights shrink by ``lr * weight_decay`` before the Adam step,
+        which itself has no L2 term."""
+
+        def __init__(self, weight_decay: float = 0.01, **kwargs):
+            super().__init__(wd=0.0, **kwargs)
+            self.decoupled_wd = weight_decay
+
+        def update(self, index, weight, grad, state):
+            if self.decoupled_wd:
+                weight *= 1.0 - self._get_lr(index) * self.decoupled_wd
+            super().update(index, weight, grad, state)
+
+    class RMSprop(_Picklable, mx.optimizer.Optimizer):
+        """``torch.optim.RMSprop`` (not centered): ``v = alpha v + (1 - alpha) g^2``, step
+        ``g / (sqrt(v) + eps)``, optional momentum buffer, weight decay added to ``g``."""
+
+        def __init__(self, alpha=0.99, epsilon=1e-8, momentum=0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.alpha, self.epsilon, self.momentum = alpha, epsilon, momentum
+
+        def create_state(self, index, weight):
+            zeros = functools.partial(nd.zeros, weight.shape, weight.context, dtype=weight.dtype)
+            return zeros(), (zeros() if self.momentum else None)
+
+        def update(self, index, weight, grad, state):
+            self._update_count(index)
+            lr, wd = self._get_lr(index), self._get_wd(index)
+            g = grad * self.rescale_grad
+            if self.clip_gradient:
+                g = nd.clip(g, -self.clip_gradient, self.clip_gradient)
+            if wd:
+                g = g + wd * weight
+            square_avg, buf = state
+            square_avg *= self.alpha
+            square_avg += (1.0 - self.alpha) * nd.square(g)
+            step = g / (nd.sqrt(square_avg) + self.epsilon)
+            if buf is not None:
+                buf *= self.momentum
+                buf += step
+                step = buf
+            weight -= lr * step
+
+    return {"AdamW": AdamW, "RMSprop": RMSprop}
+
+
+def _restore_optimizer(name: str):
+    cls = _optimizer_classes()[name]
+    return cls.__new__(cls)
+
+
+def make_optimizer(c):
+    """The MXNet optimizer for ``cfg.optim`` (name or instance, and its parameters)."""
+    if c.name == "sgd":
+        name = "nag" if c.get("nesterov") else "sgd"
+        return name, {"learning_rate": c.lr, "momentum": c.get("momentum", 0.0),
+                      "wd": c.weight_decay}
+    if c.name == "adam":  # torch's defaults
+        return "adam", {"learning_rate": c.lr, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8,
+                        "wd": c.weight_decay}
+    classes = _optimizer_classes()
+    if c.name == "rmsprop":  # defaults: the Inception papers' decay 0.9 and eps 1.0
+        return classes["RMSprop"](learning_rate=c.lr, alpha=c.get("alpha", 0.9),
+                                  epsilon=c.get("eps", 1.0), momentum=c.get("momentum", 0.0),
+                                  wd=c.weight_decay), None
+    if c.name == "adamw":
+        return classes["AdamW"](learning_rate=c.lr, weight_decay=c.weight_decay), None
+    raise ConfigError(f"optim.name={c.name!r} is not supported by the mxnet backend")
+
+
+def training_loss(outputs, labels, aux_weight: float):
+    """Per-image softmax cross-entropy of the training graph's outputs, and the main logits.
+    With auxiliary classifiers (``(logits, *aux)``) their losses join, weighted as in the
+    papers: ``main + aux_weight * sum(aux)``."""
+    from mxnet import gluon, nd
+
+    ce = gluon.loss.SoftmaxCrossEntropyLoss()
+    logits, *aux = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+    loss = ce(logits, labels)
+    if aux:
+        loss = loss + aux_weight * nd.add_n(*[ce(a, labels) for a in aux])
+    return loss, logits
+
+
+def learning_rate(c, epoch: int, max_epochs: int) -> float:
+    """The rate for 0-based ``epoch``: constant, or cosine to 0 like torch's CosineAnnealingLR
+    stepped once per epoch."""
+    if c.scheduler == "cosine":
+        return c.lr * (1 + math.cos(math.pi * epoch / max_epochs)) / 2
+    return c.lr
+
+
+# --------------------------------------------------------------------------- reporting
+class _TensorBoard:
+    """Per-epoch scalars as TensorBoard event files, written with TensorBoard's own writer
+    (TensorFlow stays unimported); skipped when tensorboard is not installed."""
+
+    def __init__(self, logdir: Path):
+        tensorboard_without_tensorflow()
+        try:
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ModuleNotFoundError:
+            self.writer = None
+            return
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.writer, self._event, self._summary = EventFileWriter(str(logdir)), Event, Summary
+
+    def write(self, step: int, scalars: dict) -> None:
+        if self.writer is None:
+            return
+        values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self.writer.add_event(self._event(wall_time=time.time(), step=step,
+                                          summary=self._summary(value=values)))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- the backend
+class MXNetBackend(Backend):
+    name = "mxnet"
+    onnx_layout = "NCHW"
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        hw, b = cfg.hardware, cfg.backend
+        errors = []
+        if hw.precision != "32-true":
+            errors.append(f"hardware.precision={hw.precision} is not supported by the mxnet "
+                          "backend: use hardware.precision=32-true")
+        if hw.get("num_nodes", 1) != 1:
+            errors.append(f"hardware.num_nodes={hw.num_nodes}: the mxnet backend trains on one "
+                          "machine (hardware.num_nodes=1)")
+        if b.get("kvstore", "device") not in KVSTORES:
+            errors.append(f"backend.kvstore={b.kvstore!r} is invalid: expected one of "
+                          f"{', '.join(KVSTORES)}")
+        self.mx = _mxnet(hw.threads, cfg.trainer.deterministic)
+        try:
+            self.contexts = self._contexts()
+        except ConfigError as err:
+            errors.append(str(err))
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+    def _contexts(self) -> list:
+        """The MXNet contexts ``hardware`` asks for: GPUs when requested (or ``auto`` and one is
+        visible to a CUDA build of MXNet), else CPU contexts, ``hardware.devices`` of them."""
+        mx, hw = self.mx, self.cfg.hardware
+        gpus = mx.context.num_gpus()
+        if hw.accelerator == "gpu" and (gpus == 0 or gpus < hw.devices):
+            raise ConfigError(f"hardware.accelerator=gpu, hardware.devices={hw.devices}, but MXNet "
+                              f"sees {gpus} GPU(s): a GPU needs MXNet's CUDA build "
+                              "(pip install mxnet-cu112==1.9.1), else use hardware=cpu")
+        if hw.accelerator == "gpu" or (hw.accelerator == "auto" and gpus and gpus >= hw.devices):
+            return [mx.gpu(i) for i in range(gpus if hw.devices == -1 else hw.devices)]
+        count = (os.cpu_count() or 1) if hw.devices == -1 else hw.devices  # -1: all, as Lightning
+        return [mx.cpu(i) for i in range(count)]
+
+    def _seed(self) -> None:
+        random.seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed)
+        self.mx.random.seed(self.cfg.seed)
+
+    def build(self, spec, input_size):
+        from .mxnet_model import SpecNet
+
+        self._seed()
+        net = SpecNet(spec, input_size)
+        # torch's default for conv/dense weights, U(+-1/sqrt(fan_in)); zero biases
+        net.initialize(self.mx.init.Xavier(rnd_type="uniform", factor_type="in", magnitude=1),
+                       ctx=self.mx.cpu())
+        b = self.cfg.backend
+        if b.get("hybridize", True):
+            # static_shape with several contexts in parallel corrupts batch-norm statistics now
+            # and then in MXNet 1.9.1 (seeded runs differ by up to ~10% there); static_alloc alone
+            # is safe, so multi-context training runs without static_shape
+            net.hybridize(static_alloc=b.get("static_alloc", True),
+                          static_shape=b.get("static_shape", True) and len(self.contexts) == 1)
+        return net
+
+    def count_params(self, model) -> int:
+        return sum(math.prod(p.shape) for p in model.collect_params().values()
+                   if p.grad_req != "null")
+
+    def input_pipeline(self, split, shuffle: bool, limit: int | None = None):
+        return EpochBatches(split, self.cfg.data.batch_size, self.cfg.seed, shuffle, limit)
+
+    # ---------------------------------------------------------------- training
+    def train(self, model, train, val) -> TrainReport:
+        mx, c = self.mx, self.cfg
+        from mxnet import gluon
+
+        ctxs = self.contexts
+        kvstore = c.backend.get("kvstore", "device") if len(ctxs) > 1 else None
+        if len(ctxs) > 1 and c.hardware.strategy not in ("auto", None):
+            print(f"mxnet: hardware.strategy={c.hardware.strategy} is a torch concept; training "
+                  f"data-parallel in this process on {', '.join(map(str, ctxs))} with kvstore "
+                  f"'{kvstore}'", flush=True)
+        model.collect_params().reset_ctx(ctxs)
+        optimizer, params = make_optimizer(c.optim)
+        trainer = gluon.Trainer(model.collect_params(), optimizer, params,
+                                kvstore=kvstore or "device")
+        max_epochs = c.trainer.max_epochs
+        train_batches = self.input_pipeline(train, True, _num_batches(
+            c.trainer.limit_train_batches, math.ceil(len(train) / c.data.batch_size)))
+        val_batches = self.input_pipeline(val, False, _num_batches(
+            c.trainer.limit_val_batches, math.ceil(len(val) / c.data.batch_size)))
+
+        ckpt_dir = self.run_dir / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        metrics_log = MetricsLog(self.run_dir / "metrics.csv")
+        board = _TensorBoard(self.run_dir / "tensorboard")
+        progress = EpochProgress(max_epochs, len(train_batches), c.trainer.progress_bar)
+        rows, train_time, images = [], 0.0, 0
+        try:
+            for epoch in range(max_epochs):
+                t0 = time.perf_counter()
+                lr = learning_rate(c.optim, epoch, max_epochs)
+                trainer.set_learning_rate(lr)
+                train_batches.set_epoch(epoch)
+                progress.start_epoch(epoch + 1)
+                loss, acc, seen = self._train_epoch(model, trainer, train_batches, ctxs,
+                                                    progress)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"training diverged: train_loss is {loss} in epoch "
+                                           f"{epoch + 1}; lower optim.lr")
+                _sync_running_stats(model, ctxs)
+                train_seconds = time.perf_counter() - t0  # metrics read above: work is done
+                train_time, images = train_time + train_seconds, images + seen
+                val_loss, val_acc = self._evaluate_batches(model, val_batches, ctxs)
+                self._save(model, trainer, ckpt_dir)
+                row = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
+                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                       "epoch_time_s": time.perf_counter() - t0}
+                rows.append(row)
+                metrics_log.append(row)
+                board.write(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
+                progress.end_epoch(row)
+        finally:
+            progress.close()
+            board.close()
+        model.collect_params().reset_ctx(self.mx.cpu())  # predict and export run on the CPU
+        seconds = max(train_time, 1e-9)
+        return TrainReport(history=rows, train_time_s=seconds, images_per_s=images / seconds,
+                           checkpoint=ckpt_dir / "last.params",
+                           extra={"device": ", ".join(map(str, ctxs)),
+                                  "contexts": [str(x) for x in ctxs], "kvstore": kvstore,
+                                  "hybridize": bool(c.backend.get("hybridize", True))})
+
+    def _train_epoch(self, model, trainer, batches, ctxs, progress):
+        """One epoch; loss and accuracy are summed on the devices and read once at the end."""
+        mx = self.mx
+        from mxnet import autograd, gluon
+
+        sums = [mx.nd.zeros(2, ctx=ctx) for ctx in ctxs]  # per context: loss sum, correct
+        seen, pending = 0, []
+        for x, y in batches:
+            n = len(y)
+            if n < len(ctxs):  # cannot be split over every context (at most one per epoch)
+                continue
+            xs = gluon.utils.split_and_load(x, ctxs, even_split=False)
+            ys = gluon.utils.split_and_load(y, ctxs, even_split=False)
+            losses, outputs = [], []
+            with autograd.record():
+                for xi, yi in zip(xs, ys):
+                    loss, logits = training_loss(model(xi), yi, model.aux_weight)
+                    losses.append(loss)
+                    outputs.append(logits)
+            autograd.backward(losses)
+            for loss, logits, yi, acc in zip(losses, outputs, ys, sums):
+                acc += mx.nd.concat(loss.sum(), (logits.argmax(axis=1) == yi).sum(), dim=0)
+            trainer.step(n)  # gradients of the summed loss / n: the batch mean, as in torch
+            seen += n
+            # bound how far Python runs ahead of the engine without reading any value
+            pending.append(losses[0])
+            if len(pending) > 2:
+                pending.pop(0).wait_to_read()
+            # running values are read only when a terminal display refreshes (a few times/s)
+            progress.step(1, lambda: _running(sums, seen))
+        total = sum(s.asnumpy().astype(np.float64) for s in sums)  # the one host read
+        return float(total[0] / max(seen, 1)), float(total[1] / max(seen, 1)), seen
+
+    def _evaluate_batches(self, model, batches, ctxs) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy in inference mode, over ``ctxs``."""
+        mx = self.mx
+        from mxnet import gluon
+
+        ce = gluon.loss.SoftmaxCrossEntropyLoss()
+        sums = [mx.nd.zeros(2, ctx=ctx) for ctx in ctxs]
+        seen = 0
+        for x, y in batches:
+            use = ctxs[:min(len(ctxs), len(y))]
+            xs = gluon.utils.split_and_load(x, use, even_split=False)
+            ys = gluon.utils.split_and_load(y, use, even_split=False)
+            for xi, yi, acc in zip(xs, ys, sums):
+                logits = model.logits(xi)
+                correct = (logits.argmax(axis=1) == yi).sum()
+                acc += mx.nd.concat(ce(logits, yi).sum(), correct, dim=0)
+            seen += len(y)
+        total = sum(s.asnumpy().astype(np.float64) for s in sums)
+        return float(total[0] / max(seen, 1)), float(total[1] / max(seen, 1))
+
+    def _save(self, model, trainer, ckpt_dir: Path) -> None:
+        """``last.params`` and ``last.states``, each replaced atomically."""
+        for name, save in (("last.params", model.save_parameters),
+                           ("last.states", trainer.save_states)):
+            tmp = ckpt_dir / f".{name}.tmp"
+            save(str(tmp))
+            os.replace(tmp, ckpt_dir / name)
+
+    # ---------------------------------------------------------------- inference
+    def evaluate(self, model, split) -> dict[str, float]:
+        loss, acc = self._evaluate_batches(model, self.input_pipeline(split, False),
+                                           [self.mx.cpu()])
+        return {"loss": loss, "acc": acc}
+
+    def predict(self, model, images: np.ndarray) -> np.ndarray:
+        x = self.mx.nd.array(images, ctx=self.mx.cpu(), dtype=np.float32)
+        return model.logits(x).asnumpy()
+
+    # ---------------------------------------------------------------- weights
+    def _parameters(self, model):
+        """(canonical key, kind, param, Gluon Parameter) of every parameter and statistic."""
+        for node, kind, params in parametrised(model.spec):
+            layer = model.layer(node.name)
+            for p in params:
+                yield key(node.name, p), kind, p, getattr(layer, native_name("mxnet", kind, p))
+
+    def get_weights(self, model) -> dict[str, np.ndarray]:
+        return {k: to_canonical("mxnet", kind, p, param.list_data()[0].asnumpy())
+                for k, kind, p, param in self._parameters(model)}
+
+    def set_weights(self, model, weights) -> None:
+        check_weights(weights, expected_shapes(model.spec, model.input_size))
+        for k, kind, p, param in self._parameters(model):
+            # in place on every context the parameter lives on (a hybridized graph sees it)
+            param.set_data(self.mx.nd.array(to_native("mxnet", kind, p, weights[k]),
+                                            dtype=np.float32))
+
+    def save_checkpoint(self, model, path: Path) -> None:
+        model.save_parameters(str(path))
+
+    def load_checkpoint(self, model, path: Path) -> None:
+        model.load_parameters(str(path), ctx=self.mx.cpu())
+
+    # ---------------------------------------------------------------- export
+    def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
+        """``HybridBlock.export`` of the inference graph, converted by ``mx.onnx.export_model``.
+
+        The exporter writes every weight as a Python list (``tolist()``: ~25 s and gigabytes of
+        memory for AlexNet), so the graph is converted with the weights as inputs and they are
+        attached afterwards as raw initializers (not graph inputs). Its translations target opset
+        13, so the graph is declared 13 and ``onnx.version_converter`` brings it to ``opset``."""
+        import onnx
+
+        mx = self.mx
+        graph = model.inference_graph
+        hybridized = getattr(graph, "_active", False)
+        if not hybridized:  # export needs the traced graph
+            graph.hybridize()
+        try:
+            model.logits(mx.nd.array(example, ctx=mx.cpu(), dtype=np.float32))
+            with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".mxnet-") as tmp:
+                prefix = str(Path(tmp) / "model")
+                graph.export(prefix)
+                sym = mx.sym.load(f"{prefix}-symbol.json")
+                saved = mx.nd.load(f"{prefix}-0000.params")  # a list when it is empty
+                weights = {k.split(":", 1)[1]: v.asnumpy() for k, v in dict(saved).items()}
+                raw = Path(tmp) / "graph.onnx"
+                with _quiet_root_logger():  # the exporter logs INFO lines to the root logger
+                    _export_graph(mx, sym, weights, example.shape[1:], raw)
+                out_shape = model.spec.analyze(model.input_size)[model.spec.output].out_shape
+                finished = _finish_onnx(onnx.load(str(raw)), weights, opset, out_shape)
+            onnx.save(finished, str(path))
+        finally:
+            if not hybridized:
+                graph.hybridize(False)
+
+
+def _export_graph(mx, sym, weights: dict, chw, out: Path) -> None:
+    """``mx.onnx.export_model`` with a dynamic batch and the weights as (static) graph inputs."""
+    names = sym.list_inputs()
+    data = [n for n in names if n not in weights]
+    if len(data) != 1:
+        raise RuntimeError(f"expected one data input, the exported graph has {data}")
+    shapes = [(2, *chw) if n in data else weights[n].shape for n in names]
+    dynamic = [("N", *chw) if n in data else weights[n].shape for n in names]
+    mx.onnx.export_model(sym, {}, in_shapes=shapes, in_types=[np.float32] * len(names),
+                         onnx_file_path=str(out), dynamic=True, dynamic_input_shapes=dynamic)
+
+
+def _finish_onnx(model, weights: dict, opset: int, out_shape: tuple[int, ...]):
+    """Declare the exporter's opset and convert to ``opset``; name the input "input" and the
+    output "logits" (shape ``N x out_shape``); make every weight an initializer that is not a
+    graph input."""
+    from onnx import helper, numpy_helper, version_converter
+
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", EXPORTER_OPSET))
+    if opset != EXPORTER_OPSET:  # on the weight-free graph: fast
+        model = version_converter.convert_version(model, opset)
+    g = model.graph
+    data = next(i.name for i in g.input if i.name not in weights)
+    _rename(g, {data: "input", g.output[0].name: "logits"})
+    g.initializer.extend(numpy_helper.from_array(w, name) for name, w in weights.items())
+    initializers = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in initializers]
+    del g.input[:]
+    g.input.extend(inputs)
+    out_dims = g.output[0].type.tensor_type.shape.dim
+    out_dims[0].dim_param = "N"
+    for dim, size in zip(out_dims[1:], out_shape):
+        dim.dim_value = size
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _rename(graph, names: dict[str, str]) -> None:
+    for value in (*graph.input, *graph.output):
+        value.name = names.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+
+
+def _running(sums, seen: int) -> dict:
+    total = sum(s.asnumpy().astype(np.float64) for s in sums)
+    return {"loss": total[0] / max(seen, 1), "acc": total[1] / max(seen, 1)}
+
+
+def _sync_running_stats(model, ctxs) -> None:
+    """Average batch-norm running statistics over the contexts (each updates its own copy from
+    its share of the batch) so that every context, and the saved model, holds the same values."""
+    if len(ctxs) < 2:
+        return
+    mx = _mxnet()
+    for p in model.collect_params().values():
+        if p.grad_req == "null":
+            copies = p.list_data()
+            p.set_data(mx.nd.add_n(*[d.as_in_context(ctxs[0]) for d in copies]) / len(copies))

@@ -1,0 +1,463 @@
+"""The Keras backend: the spec translated exactly (checked layer by layer against the torch
+backend with the same weights), training, determinism, distribution, checkpoints, export, and
+end to end through ``python run.py backend=keras``."""
+import csv
+import gc
+import math
+import time
+
+import h5py
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+import architectures
+from architectures import spec as S
+from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder
+from cnnzoo.data import Preprocess, epoch_order, load_digits, make_synthetic
+from conftest import compose_cfg, run_cli, toy_spec
+from export import export_and_verify
+from runners import available_backends, load_backend
+from runners.keras_model import AdaptiveAvgPool2D, SpecPool2D, build_model, inference_model
+from runners.base import TrainingDiverged
+from runners.keras_runner import KerasBackend, _divisor_at_most, keras, to_nhwc
+from runners.torch_model import SpecModule
+
+
+@pytest.fixture
+def backend(tmp_path):
+    return KerasBackend(compose_cfg("backend=keras", "hardware=cpu"), tmp_path)
+
+
+def _images(n, c, size, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, c, size, size)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- 1. parameters
+@pytest.mark.parametrize("name, num_classes, in_channels, options", [
+    *[(name, None, None, {}) for name in architectures.list_archs()],
+    ("inception_v1", None, None, {"aux_logits": True}),
+    ("inception_v3", None, None, {"aux_logits": True}),
+    ("vgg16", 10, 1, {}), ("resnext50", 7, 1, {}), ("xception", 2, 4, {}),
+])
+def test_native_params_equal_spec(backend, name, num_classes, in_channels, options):
+    spec = architectures.build_spec(name, num_classes, in_channels, **options)
+    model = backend.build(spec, spec.input_size)  # canonical size; no forward pass
+    assert backend.count_params(model) == spec.analyze().params
+    assert len(model.outputs) == 1 + len(spec.aux_outputs)
+    del model
+    gc.collect()
+
+
+def test_every_spec_node_is_a_layer_of_that_name(backend):
+    spec = architectures.build_spec("inception_v1", 10, aux_logits=True)
+    model = backend.build(spec, 32)
+    names = {layer.name for layer in model.layers}
+    assert {n.name for n in spec.nodes} <= names
+    assert model.get_layer("inception3a.branch2.1.conv").kernel.shape == (3, 3, 96, 128)
+    assert isinstance(model.get_layer("maxpool1"), SpecPool2D)
+    infer = inference_model(model)
+    assert len(infer.outputs) == 1 and "aux1.fc2" not in {lay.name for lay in infer.layers}
+
+
+def test_layer_hyperparameters_are_carried_over(backend):
+    model = backend.build(toy_spec(), 32)
+    bn = model.get_layer("stem.bn")
+    assert bn.epsilon == 1e-3 and bn.momentum == pytest.approx(0.9)  # 1 - torch's 0.1
+    assert model.get_layer("res.grouped").groups == 4
+    assert isinstance(model.get_layer("sep.depthwise"), keras.layers.DepthwiseConv2D)
+    assert model.get_layer("pool").count_include_pad is False
+    assert model.get_layer("stem.conv.pad").padding == ((1, 1), (1, 1))  # explicit, symmetric
+    assert model.get_layer("mixed.b2b").padding == "same"  # stride 1, (1,3) kernel, (0,1) pad
+
+
+def test_mixed_precision_keeps_logits_float32(tmp_path):
+    b = KerasBackend(compose_cfg("backend=keras", "hardware=cpu", "hardware.precision=bf16-mixed"),
+                     tmp_path)
+    model = b.build(toy_spec(), 32)
+    assert model.get_layer("stem.conv").compute_dtype == "bfloat16"
+    assert model.get_layer("fc").compute_dtype == "float32"
+    out = b.predict(model, _images(2, 3, 32))  # predict runs a float32 copy
+    assert out.dtype == np.float32 and out.shape == (2, 5)
+
+
+# --------------------------------------------------------------------------- 2. equivalence
+def copy_torch_weights(net: SpecModule, model, spec) -> None:
+    """Test helper: the torch model's weights into the Keras model, node by node (NCHW/OIHW ->
+    NHWC/HWIO; depthwise HW C 1; dense (in, out); batch norm with its running statistics)."""
+    for node in spec.nodes:
+        layer, module = node.layer, net.layers[net.key(node.name)]
+        if isinstance(layer, (S.Conv2d, S.Dense, S.BatchNorm)):
+            target = model.get_layer(node.name)
+            w = module.weight.detach().numpy()
+            if isinstance(layer, S.BatchNorm):
+                values = [w, module.bias, module.running_mean, module.running_var]
+            elif isinstance(layer, S.Dense):
+                values = [w.T] + ([module.bias] if layer.bias else [])
+            else:
+                depthwise = isinstance(target, keras.layers.DepthwiseConv2D)
+                values = [w.transpose((2, 3, 0, 1) if depthwise else (2, 3, 1, 0))]
+                values += [module.bias] if layer.bias else []
+            target.set_weights([np.asarray(v.detach().numpy() if torch.is_tensor(v) else v)
+                                for v in values])
+
+
+def _randomized_torch(spec, size, seed=0) -> SpecModule:
+    """A torch model in eval mode whose batch norms have non-trivial statistics and affine."""
+    torch.manual_seed(seed)
+    net = SpecModule(spec, size).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return net
+
+
+def assert_every_layer_matches_torch(spec, size, atol=1e-4):
+    net = _randomized_torch(spec, size)
+    model = build_model(spec, size)
+    copy_torch_weights(net, model, spec)
+    captured = {}
+    for node in spec.nodes:
+        net.layers[net.key(node.name)].register_forward_hook(
+            lambda m, i, o, name=node.name: captured.__setitem__(name, o.detach().numpy()))
+    x = _images(2, spec.in_channels, size)
+    with torch.no_grad():
+        net(torch.from_numpy(x))
+    # the inference path: every node the logits need (auxiliary heads are training-only)
+    names = [n for n in spec.nodes if n.name in captured]
+    probe = keras.Model(model.input, [model.get_layer(n.name).output for n in names])
+    outs = probe(to_nhwc(x), training=False)
+    for node, out in zip(names, outs):
+        ref = captured[node.name]
+        ref = ref.transpose(0, 2, 3, 1) if ref.ndim == 4 else ref
+        got = np.asarray(out)
+        assert got.shape == ref.shape, node.name
+        scale = max(1.0, float(np.abs(ref).max()))
+        err = float(np.abs(got - ref).max())
+        assert err <= atol * scale, f"{spec.name}@{size} {node.name}: max diff {err:.3g}"
+    return len(names)
+
+
+@pytest.mark.parametrize("name, size", [
+    ("toy", 32), ("toy", 17),                 # grouped, depthwise, padded max pool, excl. pad
+    ("lenet5", 32),
+    ("inception_v1", 15), ("inception_v1", 32),  # ceil-mode max pools, windows over the edge
+    ("inception_v3", 75),                     # avg pools with count_include_pad=True
+    ("inception_v4", 75),                     # avg pools with count_include_pad=False
+    ("inception_resnet_v2", 75),              # scaled residual branches
+    ("xception", 32),                         # padded 3x3/2 max pools, depthwise convs
+    ("alexnet", 63),                          # adaptive pool from 1x1 up to 6x6
+    ("resnext50", 32),                        # grouped 3x3 convs
+])
+def test_every_layer_matches_torch_with_the_same_weights(name, size):
+    spec = toy_spec() if name == "toy" else architectures.build_spec(name, num_classes=7)
+    assert assert_every_layer_matches_torch(spec, size) == len(
+        [n for n in spec.nodes if n.name not in _aux_only(spec)])
+
+
+def _aux_only(spec) -> set[str]:
+    needed = {spec.output}
+    for node in reversed(spec.nodes):
+        if node.name in needed:
+            needed.update(node.inputs)
+    return {n.name for n in spec.nodes} - needed
+
+
+@pytest.mark.parametrize("mode, kernel, stride, padding, ceil_mode, include_pad", [
+    ("max", 3, 2, 0, True, True), ("max", 3, 2, 1, False, True), ("max", 3, 2, 1, True, True),
+    ("max", 2, 2, 0, True, True), ("max", 3, 1, 1, True, True), ("max", (3, 2), (2, 1), (1, 0),
+                                                                True, True),
+    ("avg", 3, 2, 1, True, True), ("avg", 3, 2, 1, True, False), ("avg", 3, 1, 1, False, True),
+    ("avg", 3, 1, 1, False, False), ("avg", 5, 3, 0, False, True), ("avg", 2, 2, 1, True, False),
+    ("avg", 3, 2, 0, True, True), ("avg", 4, 3, 2, True, True),
+])
+@pytest.mark.parametrize("size", [7, 8, 11])
+def test_pooling_matches_pytorch(mode, kernel, stride, padding, ceil_mode, include_pad, size):
+    x = _images(2, 3, size, seed=size) - 1.0  # mostly negative: a zero padding would show in max
+    t = torch.from_numpy(x)
+    if mode == "max":
+        ref = F.max_pool2d(t, kernel, stride, padding, ceil_mode=ceil_mode)
+    else:
+        ref = F.avg_pool2d(t, kernel, stride, padding, ceil_mode=ceil_mode,
+                           count_include_pad=include_pad)
+    got = SpecPool2D(mode, kernel, stride, padding, ceil_mode, include_pad)(to_nhwc(x))
+    np.testing.assert_allclose(np.asarray(got), ref.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("size, out", [(7, 7), (12, 6), (13, 6), (1, 6), (5, 7), (6, 4)])
+def test_adaptive_pool_matches_pytorch(size, out):
+    x = _images(2, 3, size)
+    ref = F.adaptive_avg_pool2d(torch.from_numpy(x), out).numpy().transpose(0, 2, 3, 1)
+    got = AdaptiveAvgPool2D(out)(to_nhwc(x))
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- training
+def _aux_toy(num_classes=3):
+    """A small graph with one auxiliary head, to train fast."""
+    g = GraphBuilder("aux_toy", 3, num_classes, 16)
+    x = g.act(g.bn(g.conv(INPUT, 8, 3, padding=1, name="c1"), name="bn1"), name="r1")
+    a = g.dense(g.flatten(g.add(GlobalAvgPool(), x, name="aux.pool"), name="aux.flat"),
+                num_classes, name="aux.fc")
+    x = g.conv(x, 8, 3, stride=2, padding=1, name="c2")
+    g.dense(g.flatten(g.add(GlobalAvgPool(), x, name="gap"), name="flat"), num_classes,
+            name="fc")
+    return g.build(aux_outputs=(a,), aux_weight=0.3)
+
+
+def test_loss_is_main_plus_weighted_aux_plus_torch_style_weight_decay(tmp_path):
+    cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "optim.weight_decay=0.01",
+                      "trainer.max_epochs=1", "data.batch_size=8", "trainer.progress_bar=false")
+    b = KerasBackend(cfg, tmp_path)
+    spec = _aux_toy()
+    data = make_synthetic(24, 3, 16, 3, seed=0)
+    train, val = data.split(Preprocess(16, 3, (0.5,) * 3, (0.5,) * 3), 0.25, seed=0)
+    model = b.build(spec, 16)
+    report = b.train(model, train, val)
+    assert report.history[0]["train_loss"] > 0 and math.isfinite(report.history[0]["val_loss"])
+    x, y = val.batch(0, 6)
+    main, aux = model(to_nhwc(x), training=False)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    l2 = sum(float(np.sum(np.square(w))) for w in model.trainable_weights)
+    want = float(ce(y, main)) + 0.3 * float(ce(y, aux)) + 0.01 / 2 * l2
+    got = float(model.compute_loss(x=to_nhwc(x), y=(y, y), y_pred=[main, aux]))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_seeded_training_is_bitwise_reproducible_in_process(tmp_path):
+    """Batch norm, dropout, grouped and depthwise convolutions, two epochs, twice."""
+    cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "trainer.max_epochs=2",
+                      "data.batch_size=8", "trainer.progress_bar=false")
+    data = make_synthetic(40, 5, 32, 3, seed=1)
+    weights = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        b = KerasBackend(cfg, tmp_path / run)
+        train, val = data.split(Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3), 0.2, seed=cfg.seed)
+        model = b.build(toy_spec(), 32)
+        b.train(model, train, val)
+        weights.append(model.get_weights())
+    assert all(np.array_equal(u, v) for u, v in zip(*weights))
+
+
+def test_a_diverging_run_stops_with_training_diverged(tmp_path):
+    cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "optim.lr=1e30",
+                      "trainer.max_epochs=3", "data.batch_size=8", "trainer.progress_bar=false")
+    b = KerasBackend(cfg, tmp_path)
+    train, val = make_synthetic(24, 5, 32, 3, seed=0).split(
+        Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3), 0.25, seed=0)
+    with pytest.raises(TrainingDiverged, match="train_loss is nan in epoch 1"):
+        b.train(b.build(toy_spec(), 32), train, val)
+
+
+@pytest.mark.parametrize("wanted, steps, used", [(1, 7, 1), (4, 45, 3), (8, 16, 8), (100, 5, 5)])
+def test_steps_per_execution_never_straddles_two_epochs(wanted, steps, used):
+    assert _divisor_at_most(wanted, steps) == used
+
+
+# --------------------------------------------------------------------------- 6. input pipeline
+def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
+    train, _ = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=3)
+    bs, seed = backend.cfg.data.batch_size, backend.cfg.seed
+    per_epoch = math.ceil(len(train) / bs)
+    ds = backend.input_pipeline(train, shuffle=True, epochs=2)
+    assert len(ds) == 2 * per_epoch
+    batches = list(ds.take(per_epoch + 1).as_numpy_iterator())
+    for epoch, (x, y) in ((0, batches[0]), (1, batches[per_epoch])):
+        want_x, want_y = train.take(epoch_order(len(train), seed, epoch)[:bs], epoch)
+        np.testing.assert_array_equal(x, want_x.transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(y, want_y)
+    assert len(batches[per_epoch - 1][1]) == len(train) - (per_epoch - 1) * bs  # last, partial
+    x, _ = next(iter(backend.input_pipeline(train, shuffle=False, limit=2)))
+    np.testing.assert_array_equal(x.numpy(), to_nhwc(train.batch(0, bs)[0]))
+    assert len(backend.input_pipeline(train, shuffle=False, limit=2)) == 2
+
+
+# --------------------------------------------------------------------------- inference, files
+def test_predict_is_deterministic_inference(backend):
+    model = backend.build(toy_spec(), 32)
+    x = _images(4, 3, 32)
+    a, b = backend.predict(model, x), backend.predict(model, x)
+    assert a.shape == (4, 5) and a.dtype == np.float32 and np.array_equal(a, b)
+    ev = backend.evaluate(model, make_synthetic(9, 5, 32, 3, seed=0).split(
+        Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3), 0.5, seed=0)[1])
+    assert ev["loss"] > 0 and 0 <= ev["acc"] <= 1
+
+
+@pytest.mark.parametrize("filename", ["model.keras", "model.weights.h5"])
+def test_checkpoint_round_trip(backend, tmp_path, filename):
+    spec, x = toy_spec(), _images(2, 3, 32, seed=1)
+    model = backend.build(spec, 32)
+    path = tmp_path / filename
+    backend.save_checkpoint(model, path)
+    other = backend.build(spec, 32)  # seeded: starts equal to model, so change it
+    fc = other.get_layer("fc")
+    fc.set_weights([np.zeros_like(w) for w in fc.get_weights()])
+    assert not np.allclose(backend.predict(model, x), backend.predict(other, x))
+    backend.load_checkpoint(other, path)
+    np.testing.assert_array_equal(backend.predict(model, x), backend.predict(other, x))
+    with pytest.raises(ValueError, match=r"\.keras or \.weights\.h5"):
+        backend.save_checkpoint(model, tmp_path / "weights.pt")
+
+
+@pytest.mark.parametrize("lift, opset", [(None, 18), (1, 18), (500, 13), (1, 21)],
+                         ids=["model.export", "all-lifted", "some-lifted-opset13",
+                              "all-lifted-opset21"])
+def test_export_names_layout_and_dynamic_batch(tmp_path, lift, opset):
+    cfg = compose_cfg("backend=keras", "hardware=cpu", "export.batch_sizes=[1,4]",
+                      f"backend.onnx_lift_min_size={'null' if lift is None else lift}",
+                      f"export.opset={opset}")
+    b = KerasBackend(cfg, tmp_path)
+    model = b.build(toy_spec(), 32)
+    images = _images(8, 3, 32, seed=2)
+    block, report = export_and_verify(b, model, images, cfg.export, tmp_path / "model.onnx",
+                                      {"arch": "toy"})
+    assert report.passed and block["passed"] is True and block["opset"] == opset
+    assert block["max_abs_diff"] < 1e-5
+    m = onnx.load(str(tmp_path / "model.onnx"))
+    assert [i.name for i in m.graph.input] == ["input"]  # lifted weights are initializers
+    assert [o.name for o in m.graph.output] == ["logits"]
+    assert {p.key: p.value for p in m.metadata_props}["layout"] == "NHWC"
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 3, 7):
+        out = sess.run(None, {"input": to_nhwc(images[:n])})[0]
+        np.testing.assert_allclose(out, b.predict(model, images[:n]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("backend.jit_compile=sometimes", "backend.jit_compile"),
+    ("backend.steps_per_execution=0", "backend.steps_per_execution"),
+    ("backend.onnx_lift_min_size=-1", "backend.onnx_lift_min_size"),
+])
+def test_bad_backend_options_are_one_clear_line(tmp_path, override, key):
+    from cnnzoo.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{key}="):
+        KerasBackend(compose_cfg("backend=keras", "hardware=cpu", override), tmp_path)
+
+
+def test_backend_is_discovered_through_entry_points():
+    assert "keras" in available_backends()
+    assert load_backend("keras") is KerasBackend
+
+
+# --------------------------------------------------------------------------- 3-5. end to end
+def _weights(path) -> dict[str, np.ndarray]:
+    """Every array of a .keras checkpoint's weights file."""
+    import io
+    import zipfile
+
+    arrays = {}
+    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5"))) as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+@pytest.mark.slow
+def test_default_job_trains_exports_and_verifies(cli):
+    t0 = time.perf_counter()
+    r = cli("backend=keras")
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = r.results()
+    assert (res["arch"], res["backend"], res["status"]) == ("lenet5", "keras", "ok")
+    assert res["params"] == res["native_params"] == 61_706
+    assert res["metrics"]["val_acc"] >= 0.95
+    assert res["export"]["passed"] is True and res["export"]["opset"] == 18
+    assert res["export"]["max_abs_diff"] <= 1e-4
+    assert res["hardware"]["replicas"] == 1 and res["hardware"]["device"] == "/cpu:0"
+    assert res["versions"]["keras"].startswith("3.")
+    rows = list(csv.DictReader((r.run_dir / "metrics.csv").open()))
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 11))
+    assert float(rows[-1]["val_acc"]) == pytest.approx(res["metrics"]["val_acc"], abs=1e-5)
+    assert res["checkpoint"] == "checkpoints/last.keras"
+    assert (r.run_dir / "checkpoints" / "last.keras").stat().st_size > 0
+    assert list((r.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    meta = {p.key: p.value for p in onnx.load(str(r.run_dir / "model.onnx")).metadata_props}
+    assert meta["backend"] == "keras" and meta["layout"] == "NHWC"
+    assert not r.frameworks & {"torch", "mxnet", "pytorch_lightning"}
+    assert {"tensorflow", "keras"} <= r.frameworks
+    # TensorFlow's C++ start-up lines never reach the terminal
+    assert "absl::InitializeLog" not in r.stderr and "oneDNN" not in r.stderr
+    print(f"default keras job: {wall:.1f} s wall, val_acc {res['metrics']['val_acc']:.4f}, "
+          f"{res['timings']['images_per_s']:.0f} images/s")
+    assert wall < 120
+
+
+@pytest.mark.slow
+def test_summary_reports_native_params(cli):
+    r = cli("task=summary", "arch=resnext50", "backend=keras")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.results()["native_params"] == r.results()["params"] == 25_028_904
+    assert "native keras parameters: 25,028,904" in r.stdout
+    assert not r.frameworks & {"torch", "mxnet", "pytorch_lightning"}
+
+
+@pytest.mark.slow
+def test_two_seeded_runs_give_bitwise_identical_weights(tmp_path):
+    args = ("backend=keras", "optim=sgd", "trainer.max_epochs=2", "export.enabled=false")
+    runs = [run_cli(tmp_path / name, *args) for name in ("a", "b")]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (_weights(tmp_path / name / "checkpoints" / "last.keras") for name in ("a", "b"))
+    assert a.keys() == b.keys() and len(a) >= 10
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [["hardware=cpu", "hardware.devices=2"], ["hardware=ddp_cpu"]],
+                         ids=["devices2", "ddp_cpu"])
+def test_two_cpu_devices_train_under_mirrored_strategy(cli, preset):
+    r = cli("backend=keras", *preset, "trainer.max_epochs=1", "export.batch_sizes=[1,8]",
+            "export.num_images=16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    hw = r.results()["hardware"]
+    assert hw["devices"] == 2 and hw["replicas"] == 2 and hw["distribution"] == "MirroredStrategy"
+    assert hw["replica_devices"] == ["/cpu:0", "/cpu:1"]
+    assert r.results()["export"]["passed"] is True
+    assert "MirroredStrategy over 2 logical CPU devices" in r.stdout
+    ddp_note = "hardware.strategy=ddp is a torch concept" in r.stdout
+    assert ddp_note == ("hardware=ddp_cpu" in preset)
+
+
+@pytest.mark.slow
+def test_missing_gpu_is_one_clear_error(cli):
+    r = cli("backend=keras", "hardware=gpu")
+    assert r.returncode == 2 and len(r.error_lines) == 1
+    assert r.error_lines[0].startswith("error: hardware.accelerator=gpu")
+    assert "Traceback" not in r.stderr
+
+
+# vgg16 runs under its alias "vgg", as in tests/test_cli.py
+ARCH_RUNS = [("vgg" if name == "vgg16" else name, []) for name in architectures.list_archs()] + [
+    ("inception_v1", ["arch.options.aux_logits=true"]),
+    ("inception_v3", ["arch.options.aux_logits=true"]),  # its aux head needs the full 299
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, extra", ARCH_RUNS,
+                         ids=[a + ("-aux" if e else "") for a, e in ARCH_RUNS])
+def test_every_architecture_trains_one_epoch_and_exports(cli, arch, extra):
+    spec = architectures.build_spec(arch, **({"aux_logits": True} if extra else {}))
+    size = max(spec.min_input_size(), 32)
+    r = cli("backend=keras", f"arch={arch}", f"arch.input_size={size}", "data=synthetic",
+            "data.num_samples=20", "data.batch_size=8", "trainer.max_epochs=1",
+            "export.num_images=4", "export.batch_sizes=[1,4]", *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = r.results()
+    assert res["arch"] == spec.name and res["input_shape"] == [spec.in_channels, size, size]
+    assert res["params"] == res["native_params"]
+    assert res["metrics"]["train_loss"] > 0 and res["export"]["passed"] is True
+    print(f"\n{arch}{'-aux' if extra else ''}@{size}: max abs diff "
+          f"{res['export']['max_abs_diff']:.2e}, train {res['timings']['train_s']:.1f} s, "
+          f"export {res['export']['export_s']:.1f} s, total {res['timings']['total_s']:.1f} s")
