@@ -50,11 +50,13 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # --------------------------------------------------------------------------- configuration
 def arch_names(cfg: DictConfig) -> list[str] | None:
-    """The canonical names of ``verify.archs`` (None: the configured ``arch`` alone)."""
+    """The canonical names of ``verify.archs``: ``all``, one name or a list (None: the
+    configured ``arch`` alone)."""
     archs = cfg.verify.archs
     if archs is None:
         return None
-    names = architectures.list_archs() if archs == "all" else list(archs)
+    names = (architectures.list_archs() if archs == "all" else
+             [archs] if isinstance(archs, str) else list(archs))
     return list(dict.fromkeys(architectures.arch_info(n).name for n in names))
 
 
@@ -182,6 +184,7 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
             model = backend.build(spec, size)
             row["native_params"] = backend.count_params(model)
             if weights is None:  # the reference comes first: its init is everyone's weights
+                # (should it fail, the next backend's init stands in; its rows fail anyway)
                 weights = randomize_batch_norm(backend.get_weights(model), cfg.seed)
             backend.set_weights(model, weights)
             native = backend.predict(model, images)
@@ -259,7 +262,8 @@ def failures(rows: list[dict], reference: str) -> list[str]:
 def _why(p: dict) -> str:
     return (f"max abs diff {p['max_abs_diff']:.3g}, max rel diff {p['max_rel_diff']:.3g}, "
             f"top-1 agreement {p['top1_agreement']:.3f}"
-            + (", NaN/Inf in the outputs" if p.get("non_finite") else "")
+            + (", NaN/Inf in the outputs" if p.get("non_finite") or any(
+                b["non_finite"] for b in p.get("batches", [])) else "")
             + (f" (atol {p['atol']:g}, rtol {p['rtol']:g})" if "atol" in p else ""))
 
 

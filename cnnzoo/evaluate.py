@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .rundir import write_json
@@ -52,35 +51,14 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
     backend, model, _ = build_model(trained, run_dir, exp)
     backend.load_checkpoint(model, checkpoint)
     split, classes = exp.val_split, exp.dataset.classes
-    step = cfg.eval.batch_size or trained.data.batch_size
-    logits, labels = [], []
-    for start in range(0, len(split), step):
-        x, y = split.batch(start, start + step)
-        logits.append(backend.predict(model, x))
-        labels.append(y)
-    logits, labels = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
-    result = scores(logits, labels, len(classes))
+    result = backend.evaluate(model, split, cfg.eval.batch_size)
     result.update({"task": "eval", "run_dir": str(Path(cfg.eval.run_dir)),
                    "checkpoint": str(checkpoint), "arch": exp.spec.name,
                    "backend": trained.backend.name, "data": trained.data.name,
-                   "images": len(labels), "classes": classes})
+                   "images": len(split), "classes": classes})
     write_json(run_dir / "eval.json", result)
-    plot_confusion(np.array(result["confusion_matrix"]), classes, run_dir / "confusion_matrix.png",
+    plot_confusion(result["confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                    f"{exp.spec.name} on {trained.backend.name}: accuracy {result['acc']:.4f}")
-    print(f"eval of {checkpoint} on {trained.data.name} ({len(labels)} images): "
+    print(f"eval of {checkpoint} on {trained.data.name} ({len(split)} images): "
           f"accuracy {result['acc']:.4f}, loss {result['loss']:.4f}; {run_dir / 'eval.json'}")
     return result["acc"]
-
-
-def scores(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Cross-entropy, accuracy, per-class accuracy and the confusion matrix (rows: truth)."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    predicted = logits.argmax(axis=1)
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-            "acc": float((predicted == labels).mean()),
-            "per_class_acc": [float(a) for a in per_class],
-            "confusion_matrix": confusion.tolist()}

@@ -81,7 +81,7 @@ def print_summary(results: dict, run_dir: Path) -> None:
         ("best val_acc", _num(metrics.get("best_val_acc"))),
         ("last val_acc / val_loss", f"{_num(metrics.get('val_acc'))} / {_num(metrics.get('val_loss'))}"),
         ("training time", f"{timings.get('train_s', 0):.1f} s, "
-                          f"{timings.get('images_per_s', 0):,.0f} images/s"),
+                          f"{timings.get('images_per_s', 0):,.{1 if timings.get('images_per_s', 0) < 10 else 0}f} images/s"),
         ("ONNX", f"{verdict}: {run_dir / export['path']}" if export else "not exported"),
         ("run directory", str(run_dir)),
     ]
@@ -99,6 +99,8 @@ def _num(v) -> str:
 
 def plot_confusion(matrix, classes: list[str], path: Path, title: str) -> None:
     """The confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
+    import numpy as np
+    matrix = np.asarray(matrix)
     plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))

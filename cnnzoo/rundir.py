@@ -11,7 +11,7 @@ from pathlib import Path
 # one set of column names for every backend
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
 PACKAGES = ("cnnzoo", "torch", "pytorch-lightning", "tensorflow-cpu", "tensorflow", "keras",
-            "mxnet", "numpy", "onnx", "onnxruntime", "onnxscript", "hydra-core")
+            "mxnet", "numpy", "onnx", "onnxruntime", "onnxscript", "tf2onnx", "hydra-core")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -172,11 +172,11 @@ def _verify_lists(cfg: DictConfig) -> list[str]:
                           f"{list(backends)}")
     archs = v.get("archs")
     if archs is not None and archs != "all":
-        if isinstance(archs, str) or not archs:
+        if not archs or not isinstance(archs, str) and not OmegaConf.is_list(archs):
             errors.append(f"verify.archs={_plain(archs)!r} is invalid: expected null (arch), all, "
-                          "or a list of architecture names")
+                          "or architecture names")
         else:
-            for name in archs:
+            for name in [archs] if isinstance(archs, str) else archs:
                 try:
                     architectures.arch_info(str(name))
                 except KeyError as err:
@@ -201,7 +201,7 @@ BACKEND_LIMITS = {
 
 def _backend_limits(cfg: DictConfig) -> list[str]:
     name = cfg.backend.get("name")
-    return [f"{key}={OmegaConf.select(cfg, key)!r} is not supported by backend={name}: use "
+    return [f"{key}={OmegaConf.select(cfg, key)} is not supported by backend={name}: use "
             + " or ".join(f"{key}={v}" for v in allowed)
             for key, allowed in BACKEND_LIMITS.get(name, {}).items()
             if OmegaConf.select(cfg, key) not in allowed]

@@ -72,9 +72,20 @@ class Backend(abc.ABC):
     def train(self, model, train: Split, val: Split) -> TrainReport:
         """Train with the config's optimizer, trainer and hardware settings."""
 
-    @abc.abstractmethod
-    def evaluate(self, model, split: Split) -> dict[str, float]:
-        """``{"loss": ..., "acc": ...}`` on ``split`` in inference mode."""
+    def evaluate(self, model, split: Split, batch_size: int | None = None) -> dict:
+        """Cross-entropy ``loss``, ``acc``, ``per_class_acc`` and ``confusion_matrix`` on
+        ``split``, computed in numpy from ``predict`` so every backend is scored the same way."""
+        import numpy as np
+
+        from cnnzoo.scores import scores
+        step = batch_size or self.cfg.data.batch_size
+        logits, labels = [], []
+        for start in range(0, len(split), step):
+            x, y = split.batch(start, start + step)
+            logits.append(self.predict(model, x))
+            labels.append(y)
+        logits = np.concatenate(logits).astype(np.float64)
+        return scores(logits, np.concatenate(labels), logits.shape[1])
 
     @abc.abstractmethod
     def predict(self, model, images: np.ndarray) -> np.ndarray:

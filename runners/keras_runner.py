@@ -406,18 +406,6 @@ class KerasBackend(Backend):
             cached = self._inference[id(model)] = _Inference(model, inference_model(view))
         return cached
 
-    def evaluate(self, model, split) -> dict[str, float]:
-        loss = correct = 0.0
-        step = self.cfg.data.batch_size
-        for start in range(0, len(split), step):
-            x, y = split.batch(start, start + step)
-            logits = self.predict(model, x).astype(np.float64)
-            shifted = logits - logits.max(1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-            loss -= log_probs[np.arange(len(y)), y].sum()
-            correct += (logits.argmax(1) == y).sum()
-        return {"loss": loss / len(split), "acc": float(correct) / len(split)}
-
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         with tf.device("/cpu:0"):
             out = self._inference_of(model).call(tf.constant(to_nhwc(images)))

@@ -313,7 +313,7 @@ class MXNetBackend(Backend):
 
     # ---------------------------------------------------------------- training
     def train(self, model, train, val) -> TrainReport:
-        mx, c = self.mx, self.cfg
+        c = self.cfg
         from mxnet import gluon
 
         ctxs = self.contexts
@@ -435,11 +435,6 @@ class MXNetBackend(Backend):
             os.replace(tmp, ckpt_dir / name)
 
     # ---------------------------------------------------------------- inference
-    def evaluate(self, model, split) -> dict[str, float]:
-        loss, acc = self._evaluate_batches(model, self.input_pipeline(split, False),
-                                           [self.mx.cpu()])
-        return {"loss": loss, "acc": acc}
-
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         x = self.mx.nd.array(images, ctx=self.mx.cpu(), dtype=np.float32)
         return model.logits(x).asnumpy()

@@ -74,6 +74,7 @@ class SpecModule(nn.Module):
 
     def __init__(self, spec: S.Spec, input_size: int):
         super().__init__()
+        self.spec, self.input_size = spec, input_size  # get_weights/set_weights read them
         analysis = spec.analyze(input_size)
         # ModuleDict keys cannot contain dots; spec names map 1:1 to these keys
         self.layers = nn.ModuleDict({self.key(r.node.name): torch_layer(r.node.layer, r.in_shape)

@@ -175,7 +175,6 @@ class TorchBackend(Backend):
     def build(self, spec, input_size):
         pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
         net = SpecModule(spec, input_size)
-        net.spec, net.input_size = spec, input_size  # for get_weights/set_weights (as mxnet's)
         if self.cfg.backend.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
@@ -225,16 +224,6 @@ class TorchBackend(Backend):
                                      default_hp_metric=False)
         except ModuleNotFoundError:  # tensorboard is optional for this backend
             return False
-
-    def evaluate(self, model, split) -> dict[str, float]:
-        loss = correct = 0.0
-        step = self.cfg.data.batch_size
-        for start in range(0, len(split), step):
-            x, y = split.batch(start, start + step)
-            logits = torch.from_numpy(self.predict(model, x))
-            loss += F.cross_entropy(logits, torch.from_numpy(y), reduction="sum").item()
-            correct += (logits.argmax(1).numpy() == y).sum()
-        return {"loss": loss / len(split), "acc": float(correct) / len(split)}
 
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         model = model.cpu().float().eval()

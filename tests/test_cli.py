@@ -73,7 +73,7 @@ def test_help_and_cfg_import_no_framework(cli, flag):
 
 @pytest.mark.parametrize("override, expected", [
     ("arch=resnet9000", ["lenet5", "vgg16"]),
-    ("backend=caffe", ["torch"]),
+    ("backend=caffe", ["torch", "keras", "mxnet"]),
 ])
 def test_unknown_choice_lists_valid_ones(cli, override, expected):
     r = cli(override)
@@ -142,16 +142,21 @@ ARCH_RUNS = [("vgg" if name == "vgg16" else name, []) for name in architectures.
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "keras", "mxnet"])
 @pytest.mark.parametrize("arch, extra", ARCH_RUNS,
                          ids=[a + ("-aux" if e else "") for a, e in ARCH_RUNS])
-def test_every_architecture_trains_one_epoch_and_exports(cli, arch, extra):
+def test_every_architecture_trains_one_epoch_and_exports(cli, backend, arch, extra):
+    """One short epoch at a small input and a verified ONNX export, for every architecture on
+    every backend (SGD: the optimizers themselves are tested per backend)."""
     spec = architectures.build_spec(arch, **({"aux_logits": True} if extra else {}))
     size = max(spec.min_input_size(), 32)
-    r = cli(f"arch={arch}", f"arch.input_size={size}", "data=synthetic", "data.num_samples=20",
-            "data.batch_size=8", "trainer.max_epochs=1", "export.num_images=4",
-            "export.batch_sizes=[1,4]", *extra)
+    r = cli(f"backend={backend}", f"arch={arch}", f"arch.input_size={size}", "optim=sgd",
+            "data=synthetic", "data.num_samples=20", "data.batch_size=8", "trainer.max_epochs=1",
+            "trainer.progress_bar=false", "export.num_images=4", "export.batch_sizes=[1,4]",
+            *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     res = r.results()
-    assert res["arch"] == spec.name and res["input_shape"] == [spec.in_channels, size, size]
+    assert (res["arch"], res["backend"]) == (spec.name, backend)
+    assert res["input_shape"] == [spec.in_channels, size, size]
     assert res["params"] == res["native_params"]
     assert res["metrics"]["train_loss"] > 0 and res["export"]["passed"] is True

@@ -21,8 +21,8 @@ from cnnzoo.data import Preprocess, epoch_order, load_digits, make_synthetic
 from conftest import compose_cfg, run_cli, toy_spec
 from export import export_and_verify
 from runners import available_backends, load_backend
-from runners.keras_model import AdaptiveAvgPool2D, SpecPool2D, build_model, inference_model
 from runners.base import TrainingDiverged
+from runners.keras_model import AdaptiveAvgPool2D, SpecPool2D, build_model, inference_model
 from runners.keras_runner import KerasBackend, _divisor_at_most, keras, to_nhwc
 from runners.torch_model import SpecModule
 
@@ -435,29 +435,3 @@ def test_missing_gpu_is_one_clear_error(cli):
     assert r.returncode == 2 and len(r.error_lines) == 1
     assert r.error_lines[0].startswith("error: hardware.accelerator=gpu")
     assert "Traceback" not in r.stderr
-
-
-# vgg16 runs under its alias "vgg", as in tests/test_cli.py
-ARCH_RUNS = [("vgg" if name == "vgg16" else name, []) for name in architectures.list_archs()] + [
-    ("inception_v1", ["arch.options.aux_logits=true"]),
-    ("inception_v3", ["arch.options.aux_logits=true"]),  # its aux head needs the full 299
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch, extra", ARCH_RUNS,
-                         ids=[a + ("-aux" if e else "") for a, e in ARCH_RUNS])
-def test_every_architecture_trains_one_epoch_and_exports(cli, arch, extra):
-    spec = architectures.build_spec(arch, **({"aux_logits": True} if extra else {}))
-    size = max(spec.min_input_size(), 32)
-    r = cli("backend=keras", f"arch={arch}", f"arch.input_size={size}", "data=synthetic",
-            "data.num_samples=20", "data.batch_size=8", "trainer.max_epochs=1",
-            "export.num_images=4", "export.batch_sizes=[1,4]", *extra)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = r.results()
-    assert res["arch"] == spec.name and res["input_shape"] == [spec.in_channels, size, size]
-    assert res["params"] == res["native_params"]
-    assert res["metrics"]["train_loss"] > 0 and res["export"]["passed"] is True
-    print(f"\n{arch}{'-aux' if extra else ''}@{size}: max abs diff "
-          f"{res['export']['max_abs_diff']:.2e}, train {res['timings']['train_s']:.1f} s, "
-          f"export {res['export']['export_s']:.1f} s, total {res['timings']['total_s']:.1f} s")

@@ -166,7 +166,9 @@ def test_weights_from_torch_and_from_keras_give_the_same_logits(backends, arch, 
     ("verify.backends=[keras,mxnet]", "verify.reference='torch' is not one of verify.backends"),
     ("verify.backends=[torch,torch]", "verify.backends=['torch', 'torch'] is invalid"),
     ("verify.archs=[lenet5,lenet6]", "verify.archs: unknown architecture 'lenet6'"),
-    ("verify.archs=lenet5", "verify.archs='lenet5' is invalid"),
+    ("verify.archs=googlenet", None),  # one name (an alias) is a list of one
+    ("verify.archs=[]", "verify.archs=[] is invalid"),
+    ("verify.archs=1", "verify.archs=1 is invalid"),
     ("verify.atol=-1", "verify.atol=-1 is invalid"),
     ("verify.input_size=0", "verify.input_size=0 is invalid"),
 ])
@@ -210,7 +212,8 @@ def test_verify_lenet5_passes_in_every_backend_and_onnx(cli):
         assert row["onnx_vs_native"]["passed"] and row["opset"] == 18
         assert row["reference"] or row["native_vs_reference"]["passed"]
         assert row["onnx_vs_native"]["max_abs_diff"] < 1e-5
-    assert "| lenet5 | 32 | keras | 61,706 | 61,706 | " in (r.run_dir / "verification.md").read_text()
+    markdown = (r.run_dir / "verification.md").read_text()
+    assert "| lenet5 | 32 | keras | 61,706 | 61,706 | " in markdown
     assert r.results()["status"] == "ok" and r.results()["task"] == "verify"
     assert {"torch", "tensorflow", "keras", "mxnet", "onnx"} <= r.frameworks
 
