@@ -175,8 +175,6 @@ def build_model(cfg: DictConfig, run_dir: Path, exp: Experiment):
 
 
 def train(cfg: DictConfig, run_dir: Path):
-    from export import export_and_verify
-
     from .report import plot_curves, print_config, print_summary
 
     t_start = time.perf_counter()
@@ -212,6 +210,7 @@ def train(cfg: DictConfig, run_dir: Path):
 
     failure = None
     if cfg.export.enabled:
+        from export import export_and_verify  # loads onnx: only once training is done
         n = min(cfg.export.num_images, len(val_split))
         images, _ = val_split.batch(0, n)
         metadata = {"arch": spec.name, "backend": cfg.backend.name,

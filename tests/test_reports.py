@@ -56,7 +56,7 @@ def test_compare_covers_every_run(two_runs, tmp_path):
 def test_compare_command_finds_runs_below_a_directory(two_runs, tmp_path):
     import subprocess
     import sys
-    parent = two_runs[0].run_dir.parent.parent  # holds a/run and b/run
+    parent = two_runs[0].run_dir.parent  # holds the runs a and b
     out = tmp_path / "c"
     r = subprocess.run([sys.executable, "-m", "cnnzoo.compare", str(parent), "--out", str(out)],
                        capture_output=True, text=True)
