@@ -4,7 +4,6 @@ end to end through ``python run.py backend=keras``."""
 import csv
 import gc
 import math
-import time
 
 import h5py
 import numpy as np
@@ -364,9 +363,7 @@ def _weights(path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_default_job_trains_exports_and_verifies(cli):
-    t0 = time.perf_counter()
     r = cli("backend=keras")
-    wall = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-2000:]
     res = r.results()
     assert (res["arch"], res["backend"], res["status"]) == ("lenet5", "keras", "ok")
@@ -388,9 +385,6 @@ def test_default_job_trains_exports_and_verifies(cli):
     assert {"tensorflow", "keras"} <= r.frameworks
     # TensorFlow's C++ start-up lines never reach the terminal
     assert "absl::InitializeLog" not in r.stderr and "oneDNN" not in r.stderr
-    print(f"default keras job: {wall:.1f} s wall, val_acc {res['metrics']['val_acc']:.4f}, "
-          f"{res['timings']['images_per_s']:.0f} images/s")
-    assert wall < 120
 
 
 @pytest.mark.slow

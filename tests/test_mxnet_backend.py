@@ -6,7 +6,6 @@ import csv
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
@@ -455,12 +454,8 @@ def test_compat_shims_apply_only_with_the_mxnet_backend():
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_default_job_trains_exports_and_verifies(cli):
-    t0 = time.perf_counter()
     r = cli("backend=mxnet")
-    wall = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-2000:]
-    print(f"default mxnet job: {wall:.1f} s wall")
-    assert wall < 120
     res = r.results()
     assert (res["arch"], res["backend"], res["status"]) == ("lenet5", "mxnet", "ok")
     assert res["params"] == res["native_params"] == 61_706
