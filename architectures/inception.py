@@ -176,17 +176,25 @@ def _v3_aux(g, x):
     return g.dense(x, g.num_classes, name="AuxLogits.fc")
 
 
+def _slim_stem(g: GraphBuilder, names) -> str:
+    """The stem Inception-v3 and Inception-ResNet-v2 share (299 -> 35x35x192); ``names`` are
+    each reference's own names for its five convolutions and two max-pools, in order."""
+    c1a, c2a, c2b, pool1, c3b, c4a, pool2 = names
+    x = basic_conv(g, INPUT, 32, 3, c1a, stride=2)
+    x = basic_conv(g, x, 32, 3, c2a)
+    x = basic_conv(g, x, 64, 3, c2b, padding=1)
+    x = g.max_pool(x, 3, 2, name=pool1)
+    x = basic_conv(g, x, 80, 1, c3b)
+    x = basic_conv(g, x, 192, 3, c4a)
+    return g.max_pool(x, 3, 2, name=pool2)
+
+
 @register("inception_v3", input_size=299, reference="torchvision inception_v3")
 def inception_v3(num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5,
                  aux_logits: bool = False):
     g = GraphBuilder("inception_v3", in_channels, num_classes, input_size)
-    x = basic_conv(g, INPUT, 32, 3, "Conv2d_1a_3x3", stride=2)
-    x = basic_conv(g, x, 32, 3, "Conv2d_2a_3x3")
-    x = basic_conv(g, x, 64, 3, "Conv2d_2b_3x3", padding=1)
-    x = g.max_pool(x, 3, 2, name="maxpool1")
-    x = basic_conv(g, x, 80, 1, "Conv2d_3b_1x1")
-    x = basic_conv(g, x, 192, 3, "Conv2d_4a_3x3")
-    x = g.max_pool(x, 3, 2, name="maxpool2")
+    x = _slim_stem(g, ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1",
+                       "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2"))
     for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
         x = _v3_a(g, x, name, pool_features)
     x = _v3_b(g, x, "Mixed_6a")
@@ -319,13 +327,8 @@ def _block8(g, x, name, scale=0.20, relu=True):  # 8x8x2080
 def inception_resnet_v2(num_classes: int, in_channels: int, input_size: int,
                         dropout: float = 0.0):
     g = GraphBuilder("inception_resnet_v2", in_channels, num_classes, input_size)
-    x = basic_conv(g, INPUT, 32, 3, "conv2d_1a", stride=2)
-    x = basic_conv(g, x, 32, 3, "conv2d_2a")
-    x = basic_conv(g, x, 64, 3, "conv2d_2b", padding=1)
-    x = g.max_pool(x, 3, 2, name="maxpool_3a")
-    x = basic_conv(g, x, 80, 1, "conv2d_3b")
-    x = basic_conv(g, x, 192, 3, "conv2d_4a")
-    x = g.max_pool(x, 3, 2, name="maxpool_5a")
+    x = _slim_stem(g, ("conv2d_1a", "conv2d_2a", "conv2d_2b", "maxpool_3a", "conv2d_3b",
+                       "conv2d_4a", "maxpool_5a"))
     b0 = basic_conv(g, x, 96, 1, "mixed_5b.branch0")
     b1 = _chain(g, x, "mixed_5b.branch1", [(48, 1, 1, 0), (64, 5, 1, 2)])
     b2 = _chain(g, x, "mixed_5b.branch2", [(64, 1, 1, 0), (96, 3, 1, 1), (96, 3, 1, 1)])
