@@ -1,9 +1,13 @@
-"""Files of a run directory: atomic writes, the per-epoch metrics log, package versions."""
+"""Files of a run directory: atomic writes, the per-epoch metrics log, and what a run records
+to be reproduced (package versions, machine, git commit)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import platform
+import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -51,6 +55,23 @@ class MetricsLog:
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c)) for c in METRIC_COLUMNS])
 
+    def rows(self) -> list[dict]:
+        """The rows written so far, numbers as floats (epoch as int)."""
+        with self.path.open(newline="") as f:
+            return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""}
+                    for r in csv.DictReader(f)]
+
+    def keep_epochs(self, epochs: int) -> None:
+        """Drop the rows after epoch ``epochs`` (a resumed run redoes those epochs), atomically."""
+        rows = self.rows()
+        if any(r["epoch"] > epochs for r in rows):
+            text = io.StringIO()
+            writer = csv.writer(text)
+            writer.writerow(METRIC_COLUMNS)
+            writer.writerows([_fmt(r.get(c)) for c in METRIC_COLUMNS]
+                             for r in rows if r["epoch"] <= epochs)
+            atomic_write_bytes(self.path, text.getvalue().encode())
+
 
 def _fmt(v):
     return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
@@ -64,3 +85,31 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+def machine_info() -> dict:
+    """The CPU, core count, OS and Python version a run used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def git_info(where: Path) -> dict | None:
+    """The commit of the git checkout holding ``where`` and whether it had local changes, or
+    None outside a checkout (or without git)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 import architectures
 from architectures import ShapeError
 
-from .rundir import package_versions, write_json
+from .checkpoints import CheckpointError
+from .rundir import git_info, machine_info, package_versions, write_json
 from .validate import ConfigError, validate
 
 SCHEMA_VERSION = 1
@@ -54,8 +55,8 @@ def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
         if cfg.task == "verify":
             from .crosscheck import verify_task
             return verify_task(cfg, run_dir)
-        return train(cfg, run_dir)
-    except (ConfigError, ShapeError, DataError) as err:
+        return train(cfg, run_dir, list(hydra_cfg.overrides.task))
+    except (ConfigError, ShapeError, DataError, CheckpointError) as err:
         error, code = err, EXIT_BAD_INPUT
     except (RunFailed, ExportError, TrainingDiverged) as err:
         error, code = err, EXIT_FAILED
@@ -174,11 +175,14 @@ def build_model(cfg: DictConfig, run_dir: Path, exp: Experiment):
     return backend, model, native_params
 
 
-def train(cfg: DictConfig, run_dir: Path):
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str]):
+    from .checkpoints import weights_sha256
     from .report import plot_curves, print_config, print_summary
+    from .resume import prepare_run_dir, resume_point
 
     t_start = time.perf_counter()
     print_config(cfg)
+    resume = resume_point(cfg, run_dir)
     exp = prepare(cfg)
     dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
     train_split, val_split = exp.train_split, exp.val_split
@@ -187,17 +191,25 @@ def train(cfg: DictConfig, run_dir: Path):
     print(f"{spec.name}: {analysis.params:,} parameters, input "
           f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
           f"{len(val_split)} val images; backend {cfg.backend.name}")
-    report = backend.train(model, train_split, val_split)
+    if backend.is_main_process:
+        prepare_run_dir(cfg, run_dir, resume)
+    if resume is not None:
+        print(f"resuming from {resume.path} (epoch {resume.epoch} of {cfg.trainer.max_epochs} "
+              "done)", flush=True)
+    report = _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir)
     if not backend.is_main_process:
         return None  # worker process of multi-process training: rank 0 reports and exports
 
-    history = report.history
+    history = _full_history(run_dir, report.history)
     metrics = dict(history[-1]) if history else {}
     metrics.pop("epoch_time_s", None)
     metrics["best_val_acc"] = max((r.get("val_acc", 0.0) for r in history), default=None)
     results = {**_base_results(cfg, analysis), "native_params": native_params,
-               "seed": cfg.seed,
+               "seed": cfg.seed, "overrides": overrides,
+               "resumed_from_epoch": resume.epoch if resume else None,
+               "weights_sha256": weights_sha256(backend.get_weights(model)),
                "hardware": {**OmegaConf.to_container(cfg.hardware), **report.extra},
+               "machine": machine_info(), "git": git_info(Path(__file__).parent),
                "data": {"name": dataset.name, "train_images": len(train_split),
                         "val_images": len(val_split), "classes": dataset.classes,
                         "preprocess": preprocess.metadata()},
@@ -206,7 +218,6 @@ def train(cfg: DictConfig, run_dir: Path):
                            "images_per_s": round(report.images_per_s, 1)},
                "checkpoint": _relative(report.checkpoint, run_dir),
                "versions": package_versions()}
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     failure = None
     if cfg.export.enabled:
@@ -241,6 +252,31 @@ def train(cfg: DictConfig, run_dir: Path):
     if failure:
         raise RunFailed(failure)
     return metrics.get(cfg.optimized_metric)
+
+
+def _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir: Path):
+    """``backend.train``; a divergence names the last good checkpoint, which stays."""
+    from runners.base import TrainingDiverged
+
+    from .checkpoints import CheckpointDir
+    try:
+        return backend.train(model, train_split, val_split, resume)
+    except TrainingDiverged as err:
+        good = CheckpointDir(run_dir).latest()
+        kept = (f"the last good checkpoint is kept: {good.path} (epoch {good.epoch})" if good
+                else "no epoch finished before it, so there is no checkpoint")
+        raise TrainingDiverged(f"{err}\n{kept}") from None
+
+
+def _full_history(run_dir: Path, trained: list[dict]) -> list[dict]:
+    """This attempt's rows, after the rows of the epochs done before it was resumed."""
+    from .rundir import MetricsLog
+
+    first = trained[0]["epoch"] if trained else None
+    path = run_dir / "metrics.csv"
+    earlier = [r for r in MetricsLog(path).rows() if first is None or r["epoch"] < first] \
+        if path.exists() else []
+    return earlier + list(trained)
 
 
 def predict_task(cfg: DictConfig, run_dir: Path) -> None:

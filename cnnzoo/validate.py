@@ -18,6 +18,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 DATASETS = ("digits", "synthetic", "image_folder", "mnist", "cifar10", "npz")
 FILE_DATASETS = ("image_folder", "mnist", "cifar10", "npz")  # read from data.path
+RESUME_MODES = ("auto", "never")
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")
 
 
@@ -49,6 +50,7 @@ def _rules(cfg: DictConfig):
     table = {
         "task": one_of(TASKS),
         "seed": nonneg_int,
+        "resume": one_of(RESUME_MODES),
         "optimized_metric": one_of(METRICS),
         "sweep.max_failure_rate": (_is_num, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "eval.batch_size": optional(pos_int),

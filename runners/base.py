@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # kept out of the import path: --help and task=summary stay i
     from omegaconf import DictConfig
 
     from architectures import Spec
+    from cnnzoo.checkpoints import Checkpoint
     from cnnzoo.data import Split
 
 ENTRY_POINT_GROUP = "cnnzoo.backends"
@@ -69,8 +70,21 @@ class Backend(abc.ABC):
         layer's pixels, so every backend sees the same inputs for the same seed."""
 
     @abc.abstractmethod
-    def train(self, model, train: Split, val: Split) -> TrainReport:
-        """Train with the config's optimizer, trainer and hardware settings."""
+    def train(self, model, train: Split, val: Split, resume: Checkpoint | None = None
+              ) -> TrainReport:
+        """Train with the config's optimizer, trainer and hardware settings.
+
+        Exact resume is part of the contract (``cnnzoo.checkpoints``):
+        - after every epoch whose loss is finite, write the full training state (weights,
+          optimizer and schedule state, counters) with ``CheckpointDir(run_dir).save(epoch,
+          write, {"backend": name})``; after a non-finite loss raise ``TrainingDiverged``
+          naming the step and metric, before anything is saved;
+        - at the start of 0-based epoch e, seed Python, NumPy and the framework's generators
+          with ``seed_python_numpy(cfg.seed, e)``;
+        - with ``resume`` (a checkpoint of this run), restore that state and continue with
+          epoch ``resume.epoch``: the final weights equal an uninterrupted run's, bitwise on
+          the CPU. ``history`` holds the epochs this call trained. Loading never runs code
+          from a file: a file that would need it raises ``CheckpointError``."""
 
     def evaluate(self, model, split: Split, batch_size: int | None = None) -> dict:
         """Cross-entropy ``loss``, ``acc``, ``per_class_acc`` and ``confusion_matrix`` on

@@ -342,7 +342,7 @@ class KerasBackend(Backend):
         return ds.with_options(options).prefetch(2)
 
     # ---------------------------------------------------------------- training
-    def train(self, model, train, val) -> TrainReport:
+    def train(self, model, train, val, resume=None) -> TrainReport:
         c = self.cfg
         self._announce_strategy()
         spec, _ = self._built[id(model)]

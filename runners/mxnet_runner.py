@@ -312,7 +312,7 @@ class MXNetBackend(Backend):
         return EpochBatches(split, self.cfg.data.batch_size, self.cfg.seed, shuffle, limit)
 
     # ---------------------------------------------------------------- training
-    def train(self, model, train, val) -> TrainReport:
+    def train(self, model, train, val, resume=None) -> TrainReport:
         c = self.cfg
         from mxnet import gluon
 

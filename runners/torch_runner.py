@@ -189,7 +189,7 @@ class TorchBackend(Backend):
             persistent_workers=workers > 0,
             sampler=_EpochOrder(len(split), self.cfg.seed, shuffle, split.augments))
 
-    def train(self, model, train, val) -> TrainReport:
+    def train(self, model, train, val, resume=None) -> TrainReport:
         c, hw = self.cfg, self.cfg.hardware
         _check_gpus(hw)
         ckpt_dir = self.run_dir / "checkpoints"
