@@ -69,8 +69,12 @@ class CheckpointDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in self._folders()[:-self.keep]:
-            shutil.rmtree(old[1], ignore_errors=True)
+        # keep the newest complete ones; a later-numbered folder here is incomplete debris
+        folders = self._folders()
+        kept = [p for e, p in folders if e <= epoch][-self.keep:]
+        for _, old in folders:
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def latest(self) -> Checkpoint | None:

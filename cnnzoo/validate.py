@@ -1,5 +1,7 @@
 """Check the composed config before anything heavy is imported: one line per mistake, naming the
-key, the bad value and what is allowed. Only architectures (pure Python) is imported here."""
+key, the bad value and what is allowed. Only architectures (pure Python) is imported here.
+
+``python -m cnnzoo.validate`` prints every rule as the Markdown table of docs/validation.md."""
 from __future__ import annotations
 
 from numbers import Real
@@ -20,6 +22,24 @@ DATASETS = ("digits", "synthetic", "image_folder", "mnist", "cifar10", "npz")
 FILE_DATASETS = ("image_folder", "mnist", "cifar10", "npz")  # read from data.path
 RESUME_MODES = ("auto", "never")
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")
+
+
+BOOLEAN = (lambda v: isinstance(v, bool), lambda v: True, "true or false")
+TEXT = (lambda v: isinstance(v, str), lambda v: v.strip() != "", "a non-empty string")
+# the built-in backends' own keys (conf/backend/*.yaml), checked before their framework loads
+BACKEND_OPTIONS = {
+    "torch": {"channels_last": BOOLEAN,
+              "num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool),
+                              lambda v: v >= 0, "an integer >= 0")},
+    "keras": {"jit_compile": (lambda v: v in ("auto", True, False), lambda v: True,
+                              "auto, true or false"),
+              "steps_per_execution": (lambda v: isinstance(v, int) and not isinstance(v, bool),
+                                      lambda v: v > 0, "a positive integer"),
+              "onnx_lift_min_size": (lambda v: v is None or isinstance(v, int)
+                                     and not isinstance(v, bool), lambda v: v is None or v > 0,
+                                     "a positive integer or null")},
+    "mxnet": {"hybridize": BOOLEAN, "static_alloc": BOOLEAN, "static_shape": BOOLEAN},
+}
 
 
 class ConfigError(ValueError):
@@ -49,6 +69,13 @@ def _rules(cfg: DictConfig):
              "a fraction in (0, 1] or a whole number of batches")
     table = {
         "task": one_of(TASKS),
+        "trainer.deterministic": BOOLEAN,
+        "trainer.progress_bar": BOOLEAN,
+        "export.enabled": BOOLEAN,
+        "export.verify": BOOLEAN,
+        "tracking.mlflow": BOOLEAN,
+        "tracking.mlflow_uri": TEXT,
+        "tracking.experiment": TEXT,
         "seed": nonneg_int,
         "resume": one_of(RESUME_MODES),
         "optimized_metric": one_of(METRICS),
@@ -96,6 +123,10 @@ def _rules(cfg: DictConfig):
             table[f"optim.{key}"] = (_is_num, lambda v: 0 <= v < 1, "a number in [0, 1)")
     if cfg.optim.get("eps") is not None:
         table["optim.eps"] = pos_num
+    if cfg.optim.get("nesterov") is not None:
+        table["optim.nesterov"] = BOOLEAN
+    table.update({f"backend.{k}": rule for k, rule in
+                  BACKEND_OPTIONS.get(cfg.backend.get("name"), {}).items()})
     if cfg.data.get("name") == "synthetic":
         table.update({"data.num_samples": (_is_int, lambda v: v >= 4, "an integer >= 4"),
                       "data.num_classes": (_is_int, lambda v: v >= 2, "an integer >= 2"),
@@ -106,11 +137,11 @@ def _rules(cfg: DictConfig):
 
 def _data_file_rules(cfg: DictConfig):
     """Rules of the file formats (data.path, image_folder's switches) and of augmentation."""
-    boolean = (lambda v: isinstance(v, bool), lambda v: True, "true or false")
+    boolean = BOOLEAN
     table = {}
     if cfg.data.get("name") in FILE_DATASETS:
         table["data.path"] = (lambda v: isinstance(v, str), lambda v: v.strip() != "",
-                              f"the path of the {cfg.data.name} dataset")
+                              "the path of the dataset")
     if cfg.data.get("name") == "image_folder":
         table.update({"data.cache": boolean, "data.verify": boolean,
                       "data.skip_bad_files": boolean})
@@ -118,7 +149,7 @@ def _data_file_rules(cfg: DictConfig):
         size = cfg.arch.get("input_size")
         table["data.augment.random_crop_padding"] = (
             _is_int, lambda v: 0 <= v <= (size if _is_int(size) else v),
-            f"an integer from 0 (off) to arch.input_size ({size})")
+            "an integer from 0 (off) to arch.input_size")
         table["data.augment.horizontal_flip"] = boolean
     return table
 
@@ -222,3 +253,70 @@ def _check_arch(cfg: DictConfig) -> list[str]:
     except ShapeError as err:
         return [f"arch.input_size={cfg.arch.input_size}: {err}"]
     return []
+
+
+# ------------------------------------------------------------------ the rules as documentation
+# Checks beyond the per-key rules: (options, rule, when it applies); docs/validation.md lists them
+# and each has a test.
+OTHER_CHECKS = (
+    ("data.mean, data.std", "lists of numbers (std > 0): one value, or one per arch.in_channels",
+     "always"),
+    ("export.batch_sizes", "a non-empty list of positive integers", "always"),
+    ("arch.name", "a registered architecture", "always"),
+    ("arch.options", "only the architecture's own options, with values it accepts", "always"),
+    ("arch.input_size", "at least the architecture's minimum input size (task=summary prints it)",
+     "always"),
+    ("verify.backends, verify.reference", "distinct installed backends; the reference among them",
+     "task=verify"),
+    ("verify.archs, verify.weights", "null, all or architecture names; a weights file only with "
+                                     "verify.archs=null", "always"),
+    ("hardware.*, backend.kvstore", "what the chosen backend supports: "
+     + "; ".join(f"{name}: " + ", ".join(f"{k} in {list(v)}" for k, v in limits.items())
+                 for name, limits in BACKEND_LIMITS.items()), "always"),
+    ("hardware.accelerator=gpu, hardware.devices", "no more GPUs than the framework sees",
+     "when the backend starts"),
+    ("arch.num_classes", "at least the dataset's classes", "when the data loads"),
+    ("data.path", "the format's files, readable and consistent (README, Bad data)",
+     "when the data loads"),
+    ("resume", "a checkpoint already in the run directory was written by the same backend and "
+               "training config", "when training starts"),
+)
+# config groups whose options add or change rules
+_GROUPS = {"data": DATASETS, "backend": ("torch", "keras", "mxnet"),
+           "optim": ("paper", "sgd", "adam", "adamw", "rmsprop")}
+
+
+def rule_rows(compose) -> list[tuple[str, str, str]]:
+    """(key, allowed, when) for every per-key rule, over every option of ``_GROUPS``;
+    ``compose(*overrides)`` returns a composed config."""
+    seen: dict[str, dict[str, set[str]]] = {}  # key -> group -> options where the rule exists
+    allowed: dict[str, str] = {}
+    for group, options in _GROUPS.items():
+        for option in options:
+            for key, rule in _rules(compose(f"{group}={option}")).items():
+                seen.setdefault(key, {}).setdefault(group, set()).add(option)
+                allowed.setdefault(key, rule[2])
+    rows = []
+    for key in sorted(seen):
+        # a group conditions a rule when some of its options have it and others do not
+        when = [f"{g}=" + "/".join(o for o in opts if o in seen[key][g])
+                for g, opts in _GROUPS.items() if 0 < len(seen[key].get(g, ())) < len(opts)]
+        rows.append((key, allowed[key], ", ".join(when) or "always"))
+    return rows
+
+
+def markdown_table(compose) -> str:
+    lines = ["| option | allowed | applies |", "|---|---|---|"]
+    lines += [f"| `{k}` | {a} | {w} |" for k, a, w in rule_rows(compose) + list(OTHER_CHECKS)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"),
+                               version_base="1.3"):
+        print(markdown_table(lambda *o: _compose("config", overrides=list(o))), end="")
