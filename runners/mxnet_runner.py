@@ -14,14 +14,21 @@
   holds ``lr * gradient`` (same steps as torch while the rate is constant; the cosine schedule
   changes it once per epoch), and Adam adds ``eps`` to the square root of the second moment
   before its bias correction, torch after it (the two differ only while ``sqrt(v)`` ~ ``eps``).
-- Files in the run directory: ``metrics.csv``, ``tensorboard/``, ``checkpoints/last.params``
-  (``save_parameters``) and ``checkpoints/last.states`` (``Trainer.save_states``), both rewritten
-  after every epoch.
+- Files in the run directory: ``metrics.csv``, ``tensorboard/`` and, after every epoch, the
+  training state in ``checkpoints/epoch-NNNN/`` (``cnnzoo.checkpoints``): ``model.params``
+  (``save_parameters``), ``optimizer.nd`` (the optimizer's per-parameter states, ``mx.nd.save``)
+  and ``trainer.json`` (update counters, learning rate). Nothing is pickled
+  (``Trainer.save_states`` would pickle the optimizer), and a file that is not an NDArray file
+  is refused before MXNet reads it.
+- Exact resume: MXNet cannot save its generators' state, so they are reseeded at every epoch
+  start (``mx.random.seed(s, ctx="all")``); a divergence is found from device-side counts of
+  the steps whose running loss sum is finite, read with the epoch's loss.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
 from cnnzoo.compat import patch_mxnet, tensorboard_without_tensorflow
 from cnnzoo.data import epoch_order
 from cnnzoo.progress import EpochProgress
@@ -46,6 +54,8 @@ from .weight_layouts import (check_weights, expected_shapes, key, native_name, p
 patch_mxnet()  # numpy.bool and onnx.mapping, before mxnet is imported (see _mxnet)
 
 KVSTORES = ("device", "local")
+WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_FILE = "model.params", "optimizer.nd", "trainer.json"
+TRAINER_FORMAT = "cnnzoo-mxnet-trainer/1"
 EXPORTER_OPSET = 13  # the newest opset mx.onnx.export_model has translations for
 
 
@@ -111,16 +121,11 @@ def _num_batches(limit, total: int) -> int:
 @functools.cache
 def _optimizer_classes() -> dict:
     """torch-equivalent AdamW and RMSprop as MXNet optimizers. They subclass MXNet's classes,
-    which exist only once MXNet is imported (after the thread settings), hence this function;
-    they pickle through ``_restore_optimizer`` (``Trainer.save_states`` pickles the optimizer)."""
+    which exist only once MXNet is imported (after the thread settings), hence this function."""
     mx = _mxnet()
     nd = mx.nd
 
-    class _Picklable:
-        def __reduce__(self):
-            return _restore_optimizer, (type(self).__name__,), self.__getstate__()
-
-    class AdamW(_Picklable, mx.optimizer.Adam):
+    class AdamW(mx.optimizer.Adam):
         """``torch.optim.AdamW``: weights shrink by ``lr * weight_decay`` before the Adam step,
         which itself has no L2 term."""
 
@@ -133,7 +138,7 @@ def _optimizer_classes() -> dict:
                 weight *= 1.0 - self._get_lr(index) * self.decoupled_wd
             super().update(index, weight, grad, state)
 
-    class RMSprop(_Picklable, mx.optimizer.Optimizer):
+    class RMSprop(mx.optimizer.Optimizer):
         """``torch.optim.RMSprop`` (not centered): ``v = alpha v + (1 - alpha) g^2``, step
         ``g / (sqrt(v) + eps)``, optional momentum buffer, weight decay added to ``g``."""
 
@@ -164,11 +169,6 @@ def _optimizer_classes() -> dict:
             weight -= lr * step
 
     return {"AdamW": AdamW, "RMSprop": RMSprop}
-
-
-def _restore_optimizer(name: str):
-    cls = _optimizer_classes()[name]
-    return cls.__new__(cls)
 
 
 def make_optimizer(c):
@@ -210,6 +210,139 @@ def learning_rate(c, epoch: int, max_epochs: int) -> float:
     if c.scheduler == "cosine":
         return c.lr * (1 + math.cos(math.pi * epoch / max_epochs)) / 2
     return c.lr
+
+
+# --------------------------------------------------------------------------- checkpoints
+_ND_MAGIC = (0x112).to_bytes(8, "little")  # the header of MXNet's NDArray files (mx.nd.save)
+_ONLY_OURS = "only checkpoints written by cnnzoo are loaded"
+
+
+def check_nd_file(path: Path) -> None:
+    """Refuse (``CheckpointError``) a file that is not an MXNet NDArray file before MXNet reads
+    it: a pickle, say, saved under the expected name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read: {err.strerror or err}") from None
+    if head != _ND_MAGIC:
+        looks = " (it looks like a Python pickle, which runs code when loaded)" \
+            if head[:1] == b"\x80" else ""
+        raise CheckpointError(f"{path}: refused: not an MXNet NDArray file{looks}; "
+                              f"{_ONLY_OURS}")
+
+
+def load_nd(mx, path: Path) -> dict:
+    """The named NDArrays of an ``mx.nd.save`` file (MXNet's own format: nothing is unpickled)."""
+    check_nd_file(path)
+    try:
+        arrays = mx.nd.load(str(path))
+    except mx.base.MXNetError as err:
+        raise CheckpointError(f"{path}: damaged NDArray file ({_first_line(err)})") from None
+    if isinstance(arrays, list) and not arrays:  # an empty dict is read back as []
+        return {}
+    if not isinstance(arrays, dict):
+        raise CheckpointError(f"{path}: refused: unnamed arrays; {_ONLY_OURS}")
+    return arrays
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "Error" in ln or "failed" in ln), lines[-1] if lines
+                else type(err).__name__).strip()
+
+
+def _updaters(trainer) -> list:
+    """The ``Updater``s that hold the optimizer's per-parameter states: the kvstore's when it
+    updates the weights (several contexts, by default), else one per context."""
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    if trainer._kvstore is not None and trainer._update_on_kvstore:
+        return [trainer._kvstore._updater]
+    return list(trainer._updaters)
+
+
+def save_trainer_state(mx, trainer, folder: Path) -> None:
+    """What ``Trainer.save_states`` saves, without pickle: every updater's per-parameter states
+    (NDArrays, tuples of them or None) in ``optimizer.nd`` under flat keys
+    ``<updater>/<index>/<position>``, their layout and the optimizer's counters (updates per
+    context and parameter, ``num_update``) and learning rate in ``trainer.json``."""
+    opt, arrays, layout = trainer._optimizer, {}, []
+    cpu = mx.cpu()
+
+    def encode(state, name):
+        if state is None:
+            return None
+        if isinstance(state, mx.nd.NDArray):
+            arrays[name] = state.as_in_context(cpu)
+            return name
+        if isinstance(state, (tuple, list)):
+            return {type(state).__name__: [encode(s, f"{name}/{j}") for j, s in enumerate(state)]}
+        raise TypeError(f"cannot save optimizer state of type {type(state).__name__}")
+
+    for u, updater in enumerate(_updaters(trainer)):
+        layout.append([[i, encode(updater.states[i], f"{u}/{i}")]
+                       for i in sorted(updater.states, key=str)])
+    current = next((d for d, c in opt._all_index_update_counts.items()
+                    if c is opt._index_update_count), 0)
+    meta = {"format": TRAINER_FORMAT, "optimizer": type(opt).__name__,
+            "learning_rate": opt.learning_rate, "num_update": opt.num_update,
+            "begin_num_update": opt.begin_num_update, "current_context": current,
+            "update_counts": [[d, i, n] for d, counts in opt._all_index_update_counts.items()
+                              for i, n in counts.items()],
+            "updaters": layout}
+    mx.nd.save(str(folder / OPTIMIZER_FILE), arrays)
+    (folder / TRAINER_FILE).write_text(json.dumps(meta) + "\n")
+
+
+def restore_trainer_state(mx, trainer, folder: Path) -> None:
+    """Put what ``save_trainer_state`` wrote into a freshly created ``trainer`` of the same
+    config; a file that does not fit raises ``CheckpointError``."""
+    path = folder / TRAINER_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be read: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(f"{path}: refused: not a cnnzoo MXNet trainer state; {_ONLY_OURS}")
+    opt, updaters = trainer._optimizer, _updaters(trainer)
+    if meta.get("optimizer") != type(opt).__name__ or len(meta.get("updaters", ())) != len(
+            updaters):
+        raise CheckpointError(f"{path}: written for optimizer {meta.get('optimizer')!r} with "
+                              f"{len(meta.get('updaters', ()))} updater(s), this run has "
+                              f"{type(opt).__name__!r} with {len(updaters)}")
+    arrays = load_nd(mx, folder / OPTIMIZER_FILE)
+    shapes = [p.shape for p in trainer._params]
+
+    def decode(tree, shape):
+        if tree is None:
+            return None
+        if isinstance(tree, str):
+            if arrays[tree].shape != shape:
+                raise ValueError(f"'{tree}' has shape {arrays[tree].shape}, its weight {shape}")
+            return arrays[tree]
+        (kind, items), = tree.items()
+        return {"tuple": tuple, "list": list}[kind](decode(t, shape) for t in items)
+
+    try:
+        states = [{i: decode(tree, shapes[i]) for i, tree in layout}
+                  for layout in meta["updaters"]]
+        counts = {}
+        for d, i, n in meta["update_counts"]:
+            counts.setdefault(d, {})[i] = int(n)
+        num_update, begin = int(meta["num_update"]), int(meta["begin_num_update"])
+        lr, current = float(meta["learning_rate"]), meta["current_context"]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: damaged or of another model: {err!r}") from None
+    for updater, s in zip(updaters, states):
+        updater.states = s
+        updater.states_synced = dict.fromkeys(s, False)  # moved to each weight's context
+    opt._all_index_update_counts = counts or {0: {}}
+    opt._index_update_count = opt._all_index_update_counts.setdefault(current, {})
+    opt.num_update, opt.begin_num_update = num_update, begin
+    trainer.set_learning_rate(lr)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -322,44 +455,52 @@ class MXNetBackend(Backend):
             print(f"mxnet: hardware.strategy={c.hardware.strategy} is a torch concept; training "
                   f"data-parallel in this process on {', '.join(map(str, ctxs))} with kvstore "
                   f"'{kvstore}'", flush=True)
+        if resume is not None:
+            self.load_checkpoint(model, resume.file(WEIGHTS_FILE))
         model.collect_params().reset_ctx(ctxs)
         optimizer, params = make_optimizer(c.optim)
         trainer = gluon.Trainer(model.collect_params(), optimizer, params,
                                 kvstore=kvstore or "device")
+        if resume is not None:
+            restore_trainer_state(self.mx, trainer, resume.path)
         max_epochs = c.trainer.max_epochs
         train_batches = self.input_pipeline(train, True, _num_batches(
             c.trainer.limit_train_batches, math.ceil(len(train) / c.data.batch_size)))
         val_batches = self.input_pipeline(val, False, _num_batches(
             c.trainer.limit_val_batches, math.ceil(len(val) / c.data.batch_size)))
 
-        ckpt_dir = self.run_dir / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpts = CheckpointDir(self.run_dir)
+        checkpoint = resume.file(WEIGHTS_FILE) if resume is not None else None
         metrics_log = MetricsLog(self.run_dir / "metrics.csv")
         board = _TensorBoard(self.run_dir / "tensorboard")
         progress = EpochProgress(max_epochs, len(train_batches), c.trainer.progress_bar)
         rows, train_time, images = [], 0.0, 0
         try:
-            for epoch in range(max_epochs):
+            for epoch in range(resume.epoch if resume is not None else 0, max_epochs):
                 t0 = time.perf_counter()
+                self.mx.random.seed(seed_python_numpy(c.seed, epoch), ctx="all")
                 lr = learning_rate(c.optim, epoch, max_epochs)
                 trainer.set_learning_rate(lr)
                 train_batches.set_epoch(epoch)
                 progress.start_epoch(epoch + 1)
-                loss, acc, seen = self._train_epoch(model, trainer, train_batches, ctxs,
-                                                    progress)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"training diverged: train_loss is {loss} in epoch "
-                                           f"{epoch + 1}; lower optim.lr")
+                loss, acc, seen, (bad, steps) = self._train_epoch(model, trainer, train_batches,
+                                                                  ctxs, progress)
+                if bad is not None:  # before anything is saved: the last checkpoint stays good
+                    raise TrainingDiverged(
+                        f"training diverged: train_loss is {loss} at step {epoch * steps + bad} "
+                        f"(epoch {epoch + 1}, batch {bad} of {steps}); lower optim.lr")
                 _sync_running_stats(model, ctxs)
                 train_seconds = time.perf_counter() - t0  # metrics read above: work is done
                 train_time, images = train_time + train_seconds, images + seen
                 val_loss, val_acc = self._evaluate_batches(model, val_batches, ctxs)
-                self._save(model, trainer, ckpt_dir)
                 row = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
                        "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                        "epoch_time_s": time.perf_counter() - t0}
                 rows.append(row)
-                metrics_log.append(row)
+                metrics_log.append(row)  # before the checkpoint: a resume drops rows after it
+                checkpoint = ckpts.save(epoch + 1, functools.partial(
+                    self._write_checkpoint, model, trainer), {"backend": self.name}) / WEIGHTS_FILE
                 board.write(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
                 progress.end_epoch(row)
         finally:
@@ -368,18 +509,22 @@ class MXNetBackend(Backend):
         model.collect_params().reset_ctx(self.mx.cpu())  # predict and export run on the CPU
         seconds = max(train_time, 1e-9)
         return TrainReport(history=rows, train_time_s=seconds, images_per_s=images / seconds,
-                           checkpoint=ckpt_dir / "last.params",
+                           checkpoint=checkpoint,
                            extra={"device": ", ".join(map(str, ctxs)),
                                   "contexts": [str(x) for x in ctxs], "kvstore": kvstore,
                                   "hybridize": bool(c.backend.get("hybridize", True))})
 
     def _train_epoch(self, model, trainer, batches, ctxs, progress):
-        """One epoch; loss and accuracy are summed on the devices and read once at the end."""
+        """One epoch; loss and accuracy are summed on the devices and read once at the end.
+        Returns loss, accuracy, images and (the 1-based batch where the loss sum stopped being
+        finite or None, batches trained). That batch is counted on the devices too: the number
+        of steps after which each context's running sum is still finite (NaN and Inf stay)."""
         mx = self.mx
         from mxnet import autograd, gluon
 
         sums = [mx.nd.zeros(2, ctx=ctx) for ctx in ctxs]  # per context: loss sum, correct
-        seen, pending = 0, []
+        finite = [mx.nd.zeros(2, ctx=ctx) for ctx in ctxs]  # steps with a finite sum, steps
+        seen, steps, pending = 0, 0, []
         for x, y in batches:
             n = len(y)
             if n < len(ctxs):  # cannot be split over every context (at most one per epoch)
@@ -393,10 +538,11 @@ class MXNetBackend(Backend):
                     losses.append(loss)
                     outputs.append(logits)
             autograd.backward(losses)
-            for loss, logits, yi, acc in zip(losses, outputs, ys, sums):
+            for loss, logits, yi, acc, fin in zip(losses, outputs, ys, sums, finite):
                 acc += mx.nd.concat(loss.sum(), (logits.argmax(axis=1) == yi).sum(), dim=0)
+                fin += mx.nd.contrib.isfinite(acc)
             trainer.step(n)  # gradients of the summed loss / n: the batch mean, as in torch
-            seen += n
+            seen, steps = seen + n, steps + 1
             # bound how far Python runs ahead of the engine without reading any value
             pending.append(losses[0])
             if len(pending) > 2:
@@ -404,7 +550,10 @@ class MXNetBackend(Backend):
             # running values are read only when a terminal display refreshes (a few times/s)
             progress.step(1, lambda: _running(sums, seen))
         total = sum(s.asnumpy().astype(np.float64) for s in sums)  # the one host read
-        return float(total[0] / max(seen, 1)), float(total[1] / max(seen, 1)), seen
+        loss = float(total[0] / max(seen, 1))
+        bad = None if math.isfinite(loss) else \
+            int(min(f.asnumpy()[0] for f in finite)) + 1  # (computed already)
+        return loss, float(total[1] / max(seen, 1)), seen, (bad, steps)
 
     def _evaluate_batches(self, model, batches, ctxs) -> tuple[float, float]:
         """Mean cross-entropy and accuracy in inference mode, over ``ctxs``."""
@@ -426,13 +575,10 @@ class MXNetBackend(Backend):
         total = sum(s.asnumpy().astype(np.float64) for s in sums)
         return float(total[0] / max(seen, 1)), float(total[1] / max(seen, 1))
 
-    def _save(self, model, trainer, ckpt_dir: Path) -> None:
-        """``last.params`` and ``last.states``, each replaced atomically."""
-        for name, save in (("last.params", model.save_parameters),
-                           ("last.states", trainer.save_states)):
-            tmp = ckpt_dir / f".{name}.tmp"
-            save(str(tmp))
-            os.replace(tmp, ckpt_dir / name)
+    def _write_checkpoint(self, model, trainer, folder: Path) -> None:
+        """The training state into an epoch folder being written (``CheckpointDir.save``)."""
+        model.save_parameters(str(folder / WEIGHTS_FILE))
+        save_trainer_state(self.mx, trainer, folder)
 
     # ---------------------------------------------------------------- inference
     def predict(self, model, images: np.ndarray) -> np.ndarray:
@@ -462,7 +608,14 @@ class MXNetBackend(Backend):
         model.save_parameters(str(path))
 
     def load_checkpoint(self, model, path: Path) -> None:
-        model.load_parameters(str(path), ctx=self.mx.cpu())
+        """``load_parameters`` of an NDArray file (checked first: a pickle is refused unread)."""
+        check_nd_file(path)
+        try:
+            model.load_parameters(str(path), ctx=self.mx.cpu())
+        except (self.mx.base.MXNetError, AssertionError, ValueError, KeyError, AttributeError,
+                TypeError) as err:
+            raise CheckpointError(f"{path}: cannot be loaded into this {model.spec.name} model: "
+                                  f"{_first_line(err)}") from None
 
     # ---------------------------------------------------------------- export
     def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:

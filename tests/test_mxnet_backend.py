@@ -1,9 +1,13 @@
 """The MXNet Gluon backend: exact parameter counts, layer-by-layer equality with the torch
 backend, PyTorch's pooling rules in MXNet and in the exported ONNX model, training (aux losses,
-determinism, data-parallel contexts, torch-equivalent optimizers), export and the compatibility
-shims; the slow tests run ``python run.py backend=mxnet`` end to end."""
+determinism, data-parallel contexts, torch-equivalent optimizers), checkpoints (exact resume,
+divergence, refusing pickles, interrupted writes), export and the compatibility shims; the slow
+tests run ``python run.py backend=mxnet`` end to end."""
 import csv
 import json
+import pickle
+import re
+import shutil
 import subprocess
 import sys
 
@@ -24,13 +28,16 @@ from mxnet import autograd, gluon  # noqa: E402
 import architectures  # noqa: E402
 from architectures import spec as S  # noqa: E402
 from architectures.spec import INPUT, AdaptiveAvgPool, GraphBuilder  # noqa: E402
+from cnnzoo.checkpoints import CheckpointDir, CheckpointError  # noqa: E402
 from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic  # noqa: E402
 from cnnzoo.tasks import summary  # noqa: E402
 from cnnzoo.validate import ConfigError  # noqa: E402
 from conftest import ROOT, compose_cfg, toy_spec  # noqa: E402
 from runners import available_backends, load_backend  # noqa: E402
+from runners.base import TrainingDiverged  # noqa: E402
 from runners.mxnet_model import SpecGraph, key  # noqa: E402
-from runners.mxnet_runner import MXNetBackend, make_optimizer, training_loss  # noqa: E402
+from runners.mxnet_runner import (MXNetBackend, make_optimizer, restore_trainer_state,  # noqa: E402
+                                  training_loss)
 from runners.torch_model import SpecModule  # noqa: E402
 
 NOT_LOADED = {"torch", "tensorflow", "keras", "pytorch_lightning"}
@@ -107,6 +114,9 @@ def test_checkpoint_round_trip(backend, tmp_path):
     assert not np.allclose(backend.predict(model, x), backend.predict(other, x))
     backend.load_checkpoint(other, tmp_path / "weights.params")
     np.testing.assert_array_equal(backend.predict(model, x), backend.predict(other, x))
+    lenet = backend.build(architectures.build_spec("lenet5", 5, 3), 32)
+    with pytest.raises(CheckpointError, match="cannot be loaded into this lenet5 model"):
+        backend.load_checkpoint(lenet, tmp_path / "weights.params")
 
 
 # --------------------------------------------------------------------------- equal to torch
@@ -310,14 +320,15 @@ def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
     assert len(pipeline) == -(-len(train) // bs)
 
 
-def train_toy(run_dir, spec, *overrides, hardware="cpu"):
-    """A short in-process training run on synthetic data; returns the report and the weights."""
+def train_toy(run_dir, spec, *overrides, hardware="cpu", resume=None):
+    """A short in-process training run on synthetic data (4 batches per epoch); returns the
+    report and the weights."""
     backend = make_backend(run_dir, "data=synthetic", "data.batch_size=16", "trainer.max_epochs=2",
                            *overrides, hardware=hardware)
     data = make_synthetic(72, spec.num_classes, 16, spec.in_channels, seed=0)
     train, val = data.split(Preprocess(32, spec.in_channels, (0.5,), (0.5,)), 0.2, seed=0)
     model = backend.build(spec, 32)
-    report = backend.train(model, train, val)
+    report = backend.train(model, train, val, resume)
     weights = {name: p.data().asnumpy() for name, p in model.collect_params().items()}
     return report, weights
 
@@ -355,17 +366,27 @@ def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["lr"]) == pytest.approx(0.005)
     assert report.history[-1]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-5)
-    assert report.checkpoint == tmp_path / "checkpoints" / "last.params"
-    assert (tmp_path / "checkpoints" / "last.states").stat().st_size > 0
+    folder = tmp_path / "checkpoints" / "epoch-0002"
+    assert report.checkpoint == folder / "model.params"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0002"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.params", "optimizer.nd",
+                                                        "state.json", "trainer.json"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert report.images_per_s > 0 and report.train_time_s > 0
     backend = make_backend(tmp_path, "optim=rmsprop")
     model = backend.build(toy_spec(), 32)
     backend.load_checkpoint(model, report.checkpoint)
     np.testing.assert_array_equal(model.layer("fc").weight.data().asnumpy(), weights["fc_weight"])
-    trainer = gluon.Trainer(model.collect_params(), *make_optimizer(backend.cfg.optim))
-    trainer.load_states(str(tmp_path / "checkpoints" / "last.states"))  # our RMSprop unpickles
-    assert type(trainer._optimizer).__name__ == "RMSprop" and trainer._optimizer.alpha == 0.9
+    # the optimizer state goes into a fresh trainer of our RMSprop: moments and step counts
+    trainer = gluon.Trainer(model.collect_params(), *make_optimizer(backend.cfg.optim),
+                            kvstore=None)
+    restore_trainer_state(mx, trainer, folder)
+    opt, states = trainer._optimizer, trainer._updaters[0].states
+    assert type(opt).__name__ == "RMSprop" and opt.num_update == 8 and opt.learning_rate == 0.005
+    fc = next(i for i, p in enumerate(trainer._params) if p.name == "fc_weight")
+    square_avg, buf = states[fc]
+    assert square_avg.shape == buf.shape == weights["fc_weight"].shape
+    assert opt._index_update_count[fc] == 8 and float(square_avg.sum().asscalar()) > 0
 
 
 @pytest.mark.parametrize("limit, batches", [(2, 2), (0.5, 2), (1.0, 4)])
@@ -428,6 +449,125 @@ def test_unsupported_hardware_is_one_clear_config_error(tmp_path):
         make_backend(tmp_path, "backend.kvstore=nccl")
 
 
+# --------------------------------------------------------------------------- resume
+RESUMES = [  # (hardware, overrides): the fused SGD, Adam (bias correction counts steps), our
+    ("cpu", ["optim=sgd"]),  # AdamW and RMSprop, several contexts
+    ("cpu", ["optim=adamw"]),
+    ("cpu", ["optim=rmsprop", "optim.lr=0.01", "backend.hybridize=false"]),
+    ("ddp_cpu", ["optim=adam", "optim.scheduler=cosine"]),
+]
+
+
+@pytest.mark.parametrize("hardware, overrides", RESUMES,
+                         ids=[f"{h}-{o[0][6:]}" for h, o in RESUMES])
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, hardware, overrides):
+    """Toy (batch norm and dropout) for 3 epochs, against 1 epoch and a resume for 2 more:
+    weights, optimizer state, schedule position and the generators all continue."""
+    spec = toy_spec()
+    _, want = train_toy(tmp_path / "whole", spec, "trainer.max_epochs=3", *overrides,
+                        hardware=hardware)
+    train_toy(tmp_path / "cut", spec, "trainer.max_epochs=1", *overrides, hardware=hardware)
+    first = CheckpointDir(tmp_path / "cut").latest()
+    report, got = train_toy(tmp_path / "cut", spec, "trainer.max_epochs=3", *overrides,
+                            hardware=hardware, resume=first)
+    assert [r["epoch"] for r in report.history] == [2, 3]
+    assert report.checkpoint == tmp_path / "cut" / "checkpoints" / "epoch-0003" / "model.params"
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    # a checkpoint at max_epochs: nothing left to train, the weights stay
+    done = CheckpointDir(tmp_path / "cut").latest()
+    report, again = train_toy(tmp_path / "cut", spec, "trainer.max_epochs=3", *overrides,
+                              hardware=hardware, resume=done)
+    assert report.history == [] and report.checkpoint == done.file("model.params")
+    assert all(np.array_equal(again[name], want[name]) for name in want)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A toy run directory with the checkpoint of one finished epoch (copy it to change it)."""
+    run_dir = tmp_path_factory.mktemp("one-epoch")
+    train_toy(run_dir, toy_spec(), "optim=sgd", "trainer.max_epochs=1")
+    return run_dir
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(one_epoch, tmp_path):
+    shutil.copytree(one_epoch, tmp_path / "run")
+    good = CheckpointDir(tmp_path / "run").latest()
+    files = {p.name: p.read_bytes() for p in good.path.iterdir()}
+    with pytest.raises(TrainingDiverged) as err:
+        train_toy(tmp_path / "run", toy_spec(), "optim=sgd", "optim.lr=1e12",
+                  "trainer.max_epochs=3", resume=good)
+    found = re.fullmatch(r"training diverged: train_loss is (nan|inf) at step (\d+) \(epoch 2, "
+                         r"batch (\d+) of 4\); lower optim.lr", str(err.value))
+    assert found, str(err.value)
+    step, batch = int(found.group(2)), int(found.group(3))
+    assert step == 4 + batch and 1 <= batch <= 4
+    kept = CheckpointDir(tmp_path / "run").latest()
+    assert kept.epoch == 1 and {p.name: p.read_bytes() for p in kept.path.iterdir()} == files
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
+
+
+class _Payload:
+    """Unpickling it would create ``marker``: a stand-in for code a crafted file runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("name", ["model.params", "optimizer.nd"])
+def test_a_crafted_pickle_is_refused_unread(one_epoch, tmp_path, name):
+    """A pickle under a checkpoint file's name: ``load_checkpoint`` and resuming refuse it
+    with one line, and its code never runs."""
+    shutil.copytree(one_epoch, tmp_path / "run")
+    checkpoint = CheckpointDir(tmp_path / "run").latest()
+    marker = tmp_path / "pwned"
+    checkpoint.file(name).write_bytes(pickle.dumps(_Payload(marker)))
+    refused = rf"{name}: refused: not an MXNet NDArray file \(it looks like a Python pickle"
+    if name == "model.params":
+        backend = make_backend(tmp_path)
+        with pytest.raises(CheckpointError, match=refused) as err:
+            backend.load_checkpoint(backend.build(toy_spec(), 32), checkpoint.file(name))
+        assert "\n" not in str(err.value) and str(err.value).endswith(
+            "only checkpoints written by cnnzoo are loaded")
+    with pytest.raises(CheckpointError, match=refused):
+        train_toy(tmp_path / "run", toy_spec(), "optim=sgd", resume=checkpoint)
+    assert not marker.exists()
+    pickle.loads(checkpoint.file(name).read_bytes())  # the file really was malicious
+    assert marker.exists()
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    """The second epoch's optimizer file is cut off half-way (a full disk, a crash): epoch 1
+    stays the newest checkpoint, with no temporary folder left, and training resumes from it."""
+    real_save, calls = mx.nd.save, []
+
+    def failing_save(fname, data):
+        calls.append(fname)
+        if len(calls) < 4:  # epoch 1: weights, optimizer; epoch 2: weights, then this fails
+            return real_save(fname, data)
+        real_save(fname + ".full", data)
+        with open(fname + ".full", "rb") as src, open(fname, "wb") as dst:
+            full = src.read()
+            dst.write(full[:len(full) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mx.nd, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train_toy(tmp_path, toy_spec(), "optim=sgd")
+    assert calls[3].endswith("optimizer.nd")
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001"]
+    kept = CheckpointDir(tmp_path).latest()
+    backend = make_backend(tmp_path)
+    backend.load_checkpoint(backend.build(toy_spec(), 32), kept.file("model.params"))
+    report, _ = train_toy(tmp_path, toy_spec(), "optim=sgd", resume=kept)
+    assert [r["epoch"] for r in report.history] == [2]
+    assert CheckpointDir(tmp_path).latest().epoch == 2
+
+
 # --------------------------------------------------------------------------- compatibility
 def test_compat_shims_apply_only_with_the_mxnet_backend():
     code = (
@@ -463,12 +603,13 @@ def test_default_job_trains_exports_and_verifies(cli):
     assert res["export"]["passed"] is True and res["export"]["opset"] == 18
     assert res["export"]["max_abs_diff"] <= 1e-4
     assert res["hardware"]["contexts"] == ["cpu(0)"]
-    assert res["checkpoint"] == "checkpoints/last.params"
+    assert res["checkpoint"] == "checkpoints/epoch-0010/model.params"
     assert res["versions"]["mxnet"] == "1.9.1"
     rows = list(csv.DictReader((r.run_dir / "metrics.csv").open()))
     assert len(rows) == 10 and list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss",
                                                  "val_acc", "lr", "epoch_time_s"]
-    for name in ("checkpoints/last.params", "checkpoints/last.states", "model.onnx"):
+    for name in ("checkpoints/epoch-0010/model.params", "checkpoints/epoch-0010/optimizer.nd",
+                 "model.onnx"):
         assert (r.run_dir / name).stat().st_size > 0
     assert list((r.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert "mxnet" in r.frameworks and not r.frameworks & NOT_LOADED
