@@ -1,9 +1,19 @@
-"""PyTorch backend: the spec as an ``nn.Module``, trained with PyTorch Lightning."""
+"""PyTorch backend: the spec as an ``nn.Module``, trained with PyTorch Lightning.
+
+Files: ``checkpoints/epoch-NNNN/model.ckpt`` (``cnnzoo.checkpoints``), a Lightning checkpoint of
+the full training state (weights, optimizer and scheduler state, loop counters) written after
+every epoch with a finite loss. Resuming hands it to ``Trainer.fit(ckpt_path=...)``; generators
+need no saved state, each epoch reseeds them from (seed, epoch). Every load is
+``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+"""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
+import pickle
+import re
 import time
 import warnings
 from pathlib import Path
@@ -12,8 +22,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins import TorchCheckpointIO
 
+from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
 from cnnzoo.compat import tensorboard_without_tensorflow
 from cnnzoo.data import epoch_order
 from cnnzoo.progress import EpochProgress
@@ -32,21 +44,72 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging.*")
 warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
 
+CHECKPOINT = "model.ckpt"  # in each checkpoints/epoch-NNNN folder
+_NO_BATCH = 2**62          # "no non-finite loss yet" (the largest value: processes reduce by min)
+
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy training of a SpecModule with the config's optimizer and schedule."""
+    """Cross-entropy training of a SpecModule with the config's optimizer and schedule.
 
-    def __init__(self, net: SpecModule, optim_cfg, max_epochs: int, channels_last: bool):
+    Each epoch starts by seeding every generator from (seed, epoch). Each training step notes
+    the first non-finite loss of the epoch on the device (no host sync); ``first_bad_batch``
+    reads it once at the epoch end."""
+
+    def __init__(self, net: SpecModule, optim_cfg, max_epochs: int, channels_last: bool,
+                 seed: int = 0):
         super().__init__()
         self.net, self.optim_cfg, self.max_epochs = net, optim_cfg, max_epochs
-        self.channels_last = channels_last
+        self.channels_last, self.seed = channels_last, seed
+        self._reset_divergence()
+
+    def _reset_divergence(self):
+        self._bad_batch = torch.tensor(_NO_BATCH, device=self.device)  # 0-based batch index
+        self._bad_loss = torch.tensor(0.0, device=self.device)
+
+    def on_train_start(self):
+        """After a resume, the config's optimizer hyperparameters and schedule position win
+        over the checkpoint's. They are the same unless the run's config was changed, which
+        only the Python API allows (task=train refuses to resume a changed config)."""
+        if self.trainer.ckpt_path is None:
+            return
+        fresh = self.configure_optimizers()
+        opt, sched = (fresh["optimizer"], fresh["lr_scheduler"]) if isinstance(fresh, dict) \
+            else (fresh, None)
+        if sched is not None:
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore")
+                for _ in range(self.current_epoch):
+                    sched.step()
+        want = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        restored = self.trainer.optimizers[0].param_groups
+        if want != [{k: v for k, v in g.items() if k != "params"} for g in restored]:
+            for group, values in zip(restored, want):
+                group.update(values)
+            if sched is not None and self.trainer.lr_scheduler_configs:
+                self.trainer.lr_scheduler_configs[0].scheduler.load_state_dict(sched.state_dict())
+
+    def on_train_epoch_start(self):
+        # the same numbers whether this epoch follows the previous one or a resume
+        torch.manual_seed(seed_python_numpy(self.seed, self.current_epoch))
+        self._reset_divergence()
+
+    def first_bad_batch(self) -> tuple[int, float] | None:
+        """(0-based batch, loss) of this epoch's first non-finite training loss, the earliest
+        over all processes, or None."""
+        batch = self.trainer.strategy.reduce(self._bad_batch.clone(), reduce_op="min")
+        batch = int(batch)
+        if batch == _NO_BATCH:
+            return None
+        # under DDP another process may have found it: its loss value is not here
+        own = int(self._bad_batch) == batch
+        return batch, float(self._bad_loss) if own else float("nan")
 
     def forward(self, x):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch, stage: str):
+    def _step(self, batch, stage: str, batch_idx: int = 0):
         x, y = batch
         logits, *aux = self(x) if stage == "train" and self.net.aux_outputs else (self(x),)
         loss = F.cross_entropy(logits, y)
@@ -55,13 +118,16 @@ class Classifier(pl.LightningModule):
         acc = (logits.argmax(1) == y).float().mean()
         if stage == "train":
             self.last_step = (loss.detach(), acc)  # for the progress display, read when it refreshes
+            first = ~torch.isfinite(loss.detach()) & (self._bad_batch == _NO_BATCH)
+            self._bad_batch = torch.where(first, batch_idx, self._bad_batch)
+            self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
         # epoch means, averaged over processes under DDP (a no-op on one device)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -87,9 +153,9 @@ class Classifier(pl.LightningModule):
 
 
 class _EpochLog(Callback):
-    """Writes metrics.csv (the columns every backend shares), drives the shared progress display
-    and times the training epochs, excluding validation, so images/s is comparable across
-    backends."""
+    """Stops a diverged run, writes metrics.csv (the columns every backend shares), drives the
+    shared progress display and times the training epochs, excluding validation, so images/s
+    is comparable across backends."""
 
     def __init__(self, log: MetricsLog | None, show_progress: bool):
         self.metrics_log, self.rows, self.train_time, self.images = log, [], 0.0, 0
@@ -97,6 +163,7 @@ class _EpochLog(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0, self._val_time = time.perf_counter(), 0.0
+        self._steps_before = trainer.global_step
         # the rate used in this epoch (Lightning steps epoch schedulers before on_train_epoch_end)
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]
         if self.progress is None:
@@ -124,17 +191,54 @@ class _EpochLog(Callback):
                "lr": self._lr}
         row.update({k: float(m[k]) for k in ("train_loss", "train_acc", "val_loss", "val_acc")
                     if k in m})
-        if not math.isfinite(row.get("train_loss", 0.0)):
-            raise TrainingDiverged(f"training diverged: train_loss is {row['train_loss']} in epoch "
-                                   f"{row['epoch']}; lower optim.lr")
+        self._check_divergence(trainer, pl_module, row)
         self.rows.append(row)
         self.progress.end_epoch(row)
         if self.metrics_log is not None and trainer.is_global_zero:
             self.metrics_log.append(row)
 
+    def _check_divergence(self, trainer, pl_module, row):
+        """Runs before _EpochCheckpoint: a diverged epoch leaves no row and no checkpoint."""
+        bad = pl_module.first_bad_batch()
+        if bad is not None:
+            batch, loss = bad
+            raise TrainingDiverged(
+                f"training diverged: train_loss is {loss} at step {self._steps_before + batch + 1}"
+                f" (epoch {row['epoch']}, batch {batch + 1} of {trainer.num_training_batches}); "
+                "lower optim.lr")
+        if not math.isfinite(row.get("train_loss", 0.0)):  # finite steps whose mean overflows
+            raise TrainingDiverged(f"training diverged: train_loss is {row['train_loss']} in epoch "
+                                   f"{row['epoch']} (the mean of finite steps); lower optim.lr")
+
     def teardown(self, trainer, pl_module, stage):
         if self.progress is not None:
             self.progress.close()
+
+
+class _EpochCheckpoint(Callback):
+    """After each training epoch (Lightning validates first; _EpochLog, listed before this,
+    has raised if it diverged) the full training state goes to ``checkpoints/epoch-NNNN/``."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = CheckpointDir(run_dir)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch + 1
+
+        def write(folder: Path) -> None:
+            trainer.save_checkpoint(folder / CHECKPOINT, weights_only=False)
+
+        if trainer.is_global_zero:
+            self.dir.save(epoch, write, {"backend": "torch"})
+        else:  # save_checkpoint is collective under DDP (a barrier); only rank 0 writes files
+            write(self.dir.root / f".epoch-{epoch:04d}.tmp")
+
+
+class _SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files, always loaded with ``weights_only=True``."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load_state(path)
 
 
 class _EpochOrder(torch.utils.data.Sampler):
@@ -184,17 +288,16 @@ class TorchBackend(Backend):
 
     def input_pipeline(self, split, shuffle: bool):
         workers = self.cfg.backend.num_workers
+        # a generator of its own: starting an iterator draws a seed, which from the global
+        # generator (dropout's) would shift its numbers differently in a resumed run
         return torch.utils.data.DataLoader(
             split, batch_size=self.cfg.data.batch_size, num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.cfg.seed),
             sampler=_EpochOrder(len(split), self.cfg.seed, shuffle, split.augments))
 
     def train(self, model, train, val, resume=None) -> TrainReport:
         c, hw = self.cfg, self.cfg.hardware
         _check_gpus(hw)
-        ckpt_dir = self.run_dir / "checkpoints"
-        # one file, rewritten after every epoch: the full training state to resume from
-        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True)
         epoch_log = _EpochLog(MetricsLog(self.run_dir / "metrics.csv") if self.is_main_process
                               else None, c.trainer.progress_bar)
         self._trainer = trainer = pl.Trainer(
@@ -204,16 +307,25 @@ class TorchBackend(Backend):
             limit_train_batches=_limit(c.trainer.limit_train_batches),
             limit_val_batches=_limit(c.trainer.limit_val_batches),
             deterministic=c.trainer.deterministic, enable_progress_bar=False,  # ours: _EpochLog
-            callbacks=[checkpoint, epoch_log], logger=self._logger(), default_root_dir=self.run_dir,
+            # _EpochLog first: a diverged epoch raises before _EpochCheckpoint writes it
+            callbacks=[epoch_log, _EpochCheckpoint(self.run_dir)], enable_checkpointing=False,
+            plugins=[_SafeCheckpointIO()], logger=self._logger(), default_root_dir=self.run_dir,
             enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
         train_loader, val_loader = self.input_pipeline(train, True), self.input_pipeline(val, False)
-        trainer.fit(Classifier(model, c.optim, c.trainer.max_epochs, c.backend.channels_last),
-                    train_loader, val_loader)
+        if resume is not None:  # Lightning starts the first iterator (workers prefetch) before
+            train_loader.sampler.set_epoch(resume.epoch)  # it sets the resumed epoch
+        classifier = Classifier(model, c.optim, c.trainer.max_epochs, c.backend.channels_last,
+                                c.seed)
+        # resuming restores weights, optimizer, schedulers and loop counters (weights_only)
+        resume_from = {"ckpt_path": resume.file(CHECKPOINT)} if resume is not None else {}
+        if resume is not None and "weights_only" in inspect.signature(trainer.fit).parameters:
+            resume_from["weights_only"] = True  # _SafeCheckpointIO enforces it on older ones
+        trainer.fit(classifier, train_loader, val_loader, **resume_from)
         seconds = max(epoch_log.train_time, 1e-9)
-        last = ckpt_dir / "last.ckpt"
+        latest = CheckpointDir(self.run_dir).latest()
         return TrainReport(history=epoch_log.rows, train_time_s=seconds,
                            images_per_s=epoch_log.images / seconds,
-                           checkpoint=last if last.exists() else None,
+                           checkpoint=latest.file(CHECKPOINT) if latest else None,
                            extra={"device": str(trainer.strategy.root_device)})
 
     def _logger(self):
@@ -234,11 +346,14 @@ class TorchBackend(Backend):
         torch.save(model.state_dict(), path)
 
     def load_checkpoint(self, model, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
+        state = load_state(path)
         if "state_dict" in state:  # a Lightning checkpoint: weights live under "net."
             state = {k[len("net."):]: v for k, v in state["state_dict"].items()
-                     if k.startswith("net.")}
-        model.load_state_dict(state)
+                     if isinstance(k, str) and k.startswith("net.")}
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: does not fit this model: {_one_line(err)}") from None
 
     def _parameters(self, model):
         """(canonical key, kind, param, tensor) of every parameter and batch-norm statistic."""
@@ -270,6 +385,34 @@ class TorchBackend(Backend):
                               external_data=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], dynamic_shapes=({0: batch},),
                               verbose=False)
+
+
+def load_state(path) -> dict:
+    """A checkpoint file as a dict, with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, so nothing in the file is ever run. Raises ``CheckpointError`` (one line)
+    for a file that would need more, or that cannot be read."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # what weights_only refuses
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        why = (f"loading it would call {found.group(1)}" if found
+               else "it holds objects other than tensors and plain containers")
+        raise CheckpointError(f"{path}: refused: {why}; only checkpoints written by cnnzoo are "
+                              "loaded") from None
+    except Exception as err:  # noqa: BLE001 - damaged, truncated, missing, not a checkpoint
+        detail = (_one_line(err) if isinstance(err, (OSError, RuntimeError)) else
+                  f"not a PyTorch checkpoint ({type(err).__name__}: {_one_line(err)})")
+        raise CheckpointError(f"{path}: cannot be read: {detail}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint")
+    return state
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_gpus(hw) -> None:

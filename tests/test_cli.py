@@ -29,7 +29,9 @@ def test_default_job_trains_exports_and_verifies(cli):
     rows = list(csv.DictReader((r.run_dir / "metrics.csv").open()))
     assert len(rows) == 10 and [int(row["epoch"]) for row in rows] == list(range(1, 11))
     assert float(rows[-1]["val_acc"]) == pytest.approx(res["metrics"]["val_acc"], abs=1e-5)
-    assert (r.run_dir / "checkpoints" / "last.ckpt").stat().st_size > 0
+    assert res["checkpoint"] == "checkpoints/epoch-0010/model.ckpt"  # the newest epoch only
+    assert [p.name for p in (r.run_dir / "checkpoints").iterdir()] == ["epoch-0010"]
+    assert (r.run_dir / res["checkpoint"]).stat().st_size > 0
     assert list((r.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert "task: train" in (r.run_dir / "config.yaml").read_text()
     meta = {p.key: p.value for p in onnx.load(str(r.run_dir / "model.onnx")).metadata_props}

@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, compose_cfg, run_cli
 
 from cnnzoo.checkpoints import CheckpointDir
-from tests.conftest import ROOT, compose_cfg, run_cli
 
 BACKENDS = ("torch", "keras", "mxnet")
 EPOCHS = 6

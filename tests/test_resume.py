@@ -9,7 +9,7 @@ from cnnzoo.checkpoints import (CheckpointDir, CheckpointError, epoch_seed, seed
                                 weights_sha256)
 from cnnzoo.resume import prepare_run_dir, resume_point
 from cnnzoo.rundir import MetricsLog
-from tests.conftest import compose_cfg
+from conftest import compose_cfg
 
 
 def _write(content: bytes):

@@ -1,12 +1,20 @@
-"""The PyTorch backend builds exactly the spec, predicts, saves and loads weights."""
+"""The PyTorch backend builds exactly the spec, predicts, saves and loads weights; its training
+state goes to ``checkpoints/epoch-NNNN/model.ckpt``, resumes exactly, and loading never runs code
+from a file."""
+import os
+import pickle
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import architectures
+from cnnzoo.checkpoints import CheckpointDir, CheckpointError, weights_sha256
 from conftest import compose_cfg, toy_spec
 from runners import available_backends, load_backend
-from runners.torch_runner import TorchBackend
+from runners.torch_runner import CHECKPOINT, TorchBackend
 
 
 @pytest.fixture
@@ -116,3 +124,155 @@ def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
         np.testing.assert_array_equal(y.numpy(), want_y)
     x, _ = next(iter(backend.input_pipeline(train, shuffle=False)))
     np.testing.assert_array_equal(x.numpy(), train.batch(0, bs)[0])
+
+
+# LeNet-5 with dropout, SGD momentum and a cosine schedule on 160 digits: a resume matches only
+# if weights, optimizer and schedule state, generators and data order all continue exactly
+SMALL = ("hardware=cpu", "data.limit=200", "arch.options.dropout=0.3", "optim=sgd",
+         "optim.lr=0.02", "optim.momentum=0.9", "optim.scheduler=cosine", "export.enabled=false",
+         "trainer.progress_bar=false")
+
+
+def _model(run_dir, *overrides):
+    from cnnzoo.tasks import build_model, prepare
+
+    cfg = compose_cfg(*SMALL, *overrides)
+    exp = prepare(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    backend, model, _ = build_model(cfg, run_dir, exp)
+    return backend, model, exp
+
+
+def _train(run_dir, epochs, resume=None, *overrides):
+    backend, model, exp = _model(run_dir, f"trainer.max_epochs={epochs}", *overrides)
+    report = backend.train(model, exp.train_split, exp.val_split, resume)
+    return backend, model, report
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("options", [(), ("backend.num_workers=2", "backend.channels_last=true")])
+def test_epoch_folders_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch, options):
+    """A crash inside epoch 2, then a resume: the weights equal an uninterrupted run's (with
+    DataLoader workers too, which prefetch the resumed epoch's first batches)."""
+    from runners.torch_runner import _EpochLog
+
+    backend, model, first = _train(tmp_path / "straight", 2, None, *options)
+    straight = weights_sha256(backend.get_weights(model))
+    assert first.checkpoint == tmp_path / "straight" / "checkpoints" / "epoch-0002" / CHECKPOINT
+
+    def crash_in_epoch_2(self, trainer, *args):
+        if trainer.current_epoch == 1 and args[-1] == 2:  # the third batch of the second epoch
+            raise _Crash
+    run = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(_EpochLog, "on_train_batch_end", crash_in_epoch_2)
+        with pytest.raises(_Crash):
+            _train(run, 2, None, *options)
+    one = CheckpointDir(run).latest()
+    assert one.epoch == 1 and one.state["backend"] == "torch"
+    assert sorted(p.name for p in one.path.iterdir()) == [CHECKPOINT, "state.json"]
+    backend, model, report = _train(run, 2, one, *options)
+    assert [row["epoch"] for row in report.history] == [2]
+    assert weights_sha256(backend.get_weights(model)) == straight
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002"]
+    assert report.checkpoint == run / "checkpoints" / "epoch-0002" / CHECKPOINT
+    # a checkpoint at max_epochs: nothing left to train, the weights are the checkpoint's
+    again, model, done = _train(run, 2, CheckpointDir(run).latest(), *options)
+    assert done.history == [] and weights_sha256(again.get_weights(model)) == straight
+
+
+def test_divergence_names_the_first_bad_step_and_writes_nothing(tmp_path):
+    from runners.base import TrainingDiverged
+
+    plain = ("arch.options.activation=relu", "arch.options.dropout=0", "optim.scheduler=none")
+    _train(tmp_path, 1, None, *plain)
+    good = CheckpointDir(tmp_path).latest()
+    files = {p.name: p.read_bytes() for p in good.path.iterdir()}
+    with pytest.raises(TrainingDiverged) as err:
+        _train(tmp_path, 3, good, *plain, "optim.lr=1e12")  # the config's lr wins on resume
+    found = re.fullmatch(r"training diverged: train_loss is (nan|inf) at step (\d+) "
+                         r"\(epoch 2, batch (\d+) of 5\); lower optim.lr", str(err.value))
+    assert found and int(found.group(2)) == 5 + int(found.group(3)), str(err.value)
+    kept = CheckpointDir(tmp_path).latest()
+    assert kept.epoch == 1 and {p.name: p.read_bytes() for p in kept.path.iterdir()} == files
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001"]
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 2  # header and epoch 1
+
+
+class _Payload:
+    """Unpickling it (if anything ever did) creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_malicious_pickle_is_refused_without_running_it(backend, tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    payload = {"state_dict": {"net.layers.fc.weight": _Payload(marker)}}
+    folder = tmp_path / "checkpoints" / "epoch-0001"  # where a resume would find it
+    folder.mkdir(parents=True)
+    evil = folder / CHECKPOINT
+    if fmt == "torch.save":
+        torch.save(payload, evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload, protocol=2))
+    model = backend.build(toy_spec(), 32)
+    with pytest.raises(CheckpointError) as err:
+        backend.load_checkpoint(model, evil)
+    message = str(err.value)
+    assert message.startswith(f"{evil}: refused: ") and "\n" not in message, message
+    assert "only checkpoints written by cnnzoo are loaded" in message
+    assert not marker.exists()
+
+    (folder / "state.json").write_text('{"epoch": 1, "backend": "torch"}')
+    resume = CheckpointDir(tmp_path).latest()
+    with pytest.raises(CheckpointError, match="refused: .*only checkpoints written by cnnzoo"):
+        _train(tmp_path, 2, resume)
+    assert not marker.exists()
+    # the file is truly malicious: an unrestricted load runs it
+    pickle.loads(evil.read_bytes()) if fmt == "pickle" else torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_damaged_checkpoint_is_a_one_line_error(backend, tmp_path):
+    model = backend.build(toy_spec(), 32)
+    path = tmp_path / "cut.ckpt"
+    backend.save_checkpoint(model, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=f"^{path}: cannot be read: [^\n]*$"):
+        backend.load_checkpoint(model, path)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_epoch(tmp_path, monkeypatch):
+    from lightning_fabric.plugins.io import torch_io
+
+    _train(tmp_path, 1)
+    good = CheckpointDir(tmp_path).latest()
+    before = {p.name: p.read_bytes() for p in good.path.iterdir()}
+
+    real_save = torch_io._atomic_save
+
+    def crash_halfway(checkpoint, path):  # the disk fills up half way through the file
+        real_save(checkpoint, path)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", crash_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        _train(tmp_path, 2, good)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001"]
+    kept = CheckpointDir(tmp_path).latest()
+    assert kept.epoch == 1 and {p.name: p.read_bytes() for p in kept.path.iterdir()} == before
+    backend, model, _ = _model(tmp_path)
+    backend.load_checkpoint(model, kept.file(CHECKPOINT))  # loadable
+    _, _, report = _train(tmp_path, 2, kept)  # and resumable
+    assert [row["epoch"] for row in report.history] == [2]

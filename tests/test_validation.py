@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from cnnzoo.validate import OTHER_CHECKS, ConfigError, markdown_table, rule_rows, validate
-from tests.conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg
 
 ROWS = rule_rows(compose_cfg)
 # values tried in turn: the first one a rule rejects is its bad example
