@@ -29,6 +29,8 @@ silences most, and stderr is captured during the import to drop the rest.
 
 A spec with ``aux_outputs`` gives a model with outputs ``[logits, *aux_logits]`` (training);
 ``inference_model`` is the logits-only view (shared layers) used for prediction and export.
+The model is a ``SpecModel``: a functional model whose ``loss_hook`` sees every training step's
+loss inside the compiled step (the runner's divergence watch).
 """
 from __future__ import annotations
 
@@ -258,6 +260,21 @@ class Scale(layers.Layer):
         return {**super().get_config(), "factor": self.factor}
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SpecModel(keras.Model):
+    """The functional model of a spec. ``loss_hook``, when set, is called with each training
+    step's loss tensor inside the compiled step (so it may only record it in variables, never
+    read it back); it is not part of the model's config or saved state."""
+
+    loss_hook = None
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if training and self.loss_hook is not None:
+            self.loss_hook(loss)
+        return loss
+
+
 # --------------------------------------------------------------------------- spec -> layers
 def _regularizers(l2: float, *names: str) -> dict:
     """``{<name>_regularizer: L2}`` so that the gradient gains ``weight_decay * w``, PyTorch's
@@ -341,7 +358,7 @@ def keras_layer(layer: S.Layer, in_shape: S.Shape, name: str, dtype=None,
 
 
 def build_model(spec: S.Spec, input_size: int, dtype_policy: str | None = None,
-                weight_decay: float = 0.0) -> keras.Model:
+                weight_decay: float = 0.0) -> SpecModel:
     """The spec as a functional model taking (N, input_size, input_size, C) float32 images.
 
     ``dtype_policy`` (e.g. "mixed_bfloat16") applies to every layer except the logits layers,
@@ -361,9 +378,8 @@ def build_model(spec: S.Spec, input_size: int, dtype_policy: str | None = None,
             pad, built = built
             x = x if pad is None else pad(x)
         values[node.name] = built(x)
-    model = keras.Model(inputs, [values[o] for o in outputs] if spec.aux_outputs
-                        else values[spec.output], name=spec.name)
-    return model
+    return SpecModel(inputs, [values[o] for o in outputs] if spec.aux_outputs
+                     else values[spec.output], name=spec.name)
 
 
 def inference_model(model: keras.Model) -> keras.Model:

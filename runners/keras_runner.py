@@ -19,21 +19,32 @@
   SGD's momentum holds ``lr * gradient`` (identical steps while the rate is constant). The
   cosine schedule is set per epoch, like torch's ``CosineAnnealingLR``.
 - Files in the run directory: ``metrics.csv``, ``tensorboard/`` (the metrics.csv scalars),
-  ``checkpoints/last.keras`` (model, weights and optimizer state; rewritten atomically after
-  every epoch; after the last epoch it is the final model).
+  ``checkpoints/epoch-NNNN/model.keras`` (``model.save``: architecture, weights and optimizer
+  state with its step count) and ``state.json``, after every epoch (``cnnzoo.checkpoints``).
+- Exact resume: the model is compiled, its optimizer built and ``model.load_weights`` restores
+  weights and optimizer variables; the learning rate is a function of the epoch, every
+  generator (Python, NumPy, TensorFlow, each Dropout's ``SeedGenerator``) is re-seeded at each
+  epoch's start, and the ``tf.data`` pipeline starts at the checkpoint's epoch.
+- Divergence: ``SpecModel.loss_hook`` records the first non-finite training loss and its step
+  in variables inside the compiled step; they are read once per epoch, with the metrics.
+- Loading a ``.keras`` file never runs code from it: ``check_archive`` accepts only what
+  ``model.save`` writes for a cnnzoo model, and Keras loads it with ``safe_mode=True``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
 from cnnzoo.data import epoch_order
 from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
@@ -46,7 +57,7 @@ from .weight_layouts import (DEPTHWISE, check_weights, expected_shapes, key, nat
 
 PRECISION_POLICIES = {"32-true": None, "bf16-mixed": "mixed_bfloat16",
                       "16-mixed": "mixed_float16"}
-CHECKPOINT = "last.keras"
+CHECKPOINT = "model.keras"  # in each checkpoints/epoch-NNNN folder
 
 
 def to_nhwc(images: np.ndarray) -> np.ndarray:
@@ -111,17 +122,63 @@ class _TensorBoard:
         self.writer.close()
 
 
+class _LossWatch:
+    """The first training step whose loss is NaN or infinite, kept on the device: ``update``
+    runs inside every compiled step (a few scalar ops, no host read) and records the 1-based
+    global step there (the optimizer's ``iterations`` + 1), once; ``first_bad`` reads it back,
+    once per epoch. Under MirroredStrategy each replica keeps its own copy (``ON_READ``) and
+    the earliest wins."""
+
+    def __init__(self, strategy, iterations):
+        self.strategy, self.iterations = strategy, iterations
+        with strategy.scope():
+            self.step = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                    name="first_bad_step",
+                                    synchronization=tf.VariableSynchronization.ON_READ,
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    def update(self, loss) -> None:
+        first = tf.logical_and(tf.logical_not(tf.math.is_finite(loss)), tf.equal(self.step, 0))
+        step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64) + 1
+        self.step.assign(tf.where(first, step, self.step))
+
+    def first_bad(self) -> int | None:
+        """The step of the first non-finite loss so far, or None."""
+        found = [int(s.numpy()) for s in self.strategy.experimental_local_results(self.step)]
+        return min((s for s in found if s), default=None)
+
+
+def seed_state_variables(model) -> list:
+    """The state variables of every ``SeedGenerator`` in ``model`` (each Dropout layer has its
+    own), in layer order."""
+    return [g.state for layer in model._flatten_layers(include_self=True, recursive=True)
+            for g in getattr(layer, "_seed_generators", ())]
+
+
+def seed_epoch(seed: int, epoch: int, generators: list) -> None:
+    """Seed Python, NumPy, TensorFlow and every ``SeedGenerator`` state for 0-based ``epoch``:
+    generator i starts from ``[SeedSequence([s, i]), 0]``, s the epoch's seed."""
+    s = seed_python_numpy(seed, epoch)
+    tf.random.set_seed(s)
+    for i, state in enumerate(generators):
+        first = int(np.random.SeedSequence([s, i]).generate_state(1)[0] & 0x7FFFFFFF)
+        state.assign(np.array([first, 0], dtype=state.dtype))
+
+
 class _EpochLog(keras.callbacks.Callback):
-    """Sets the epoch's learning rate, times training excluding validation, writes
-    metrics.csv/TensorBoard, drives the shared progress display, stops on a NaN loss and
-    rewrites the checkpoint (atomically) after each epoch."""
+    """Seeds the epoch and sets its learning rate, times training excluding validation, writes
+    metrics.csv/TensorBoard, drives the shared progress display, stops on a non-finite loss
+    and writes the epoch's checkpoint folder."""
 
     def __init__(self, backend: KerasBackend, steps: int, images_per_epoch: int,
-                 outputs: list[str], aux_weight: float, checkpoint: Path):
+                 outputs: list[str], aux_weight: float, watch: _LossWatch, generators: list):
         super().__init__()
         c = backend.cfg
-        self.optim, self.max_epochs = c.optim, c.trainer.max_epochs
-        self.images_per_epoch, self.checkpoint = images_per_epoch, checkpoint
+        self.optim, self.max_epochs, self.seed = c.optim, c.trainer.max_epochs, c.seed
+        self.images_per_epoch, self.steps = images_per_epoch, steps
+        self.watch, self.generators = watch, generators
+        self.checkpoints, self.saved = CheckpointDir(backend.run_dir), None
+        self.backend_name = backend.name
         # Keras prefixes metrics with the output's name when a model has several outputs
         prefix = (lambda o: f"{o}_") if len(outputs) > 1 else (lambda o: "")
         self.acc_key = f"{prefix(outputs[0])}acc"
@@ -133,6 +190,7 @@ class _EpochLog(keras.callbacks.Callback):
         self.rows, self.train_time, self.images = [], 0.0, 0
 
     def on_epoch_begin(self, epoch, logs=None):
+        seed_epoch(self.seed, epoch, self.generators)
         self.lr = learning_rate(self.optim, epoch, self.max_epochs)
         self.model.optimizer.learning_rate = self.lr
         self.progress.start_epoch(epoch + 1)
@@ -159,14 +217,22 @@ class _EpochLog(keras.callbacks.Callback):
         if f"val_{self.ce_keys[0]}" in logs:  # validation: the logits alone, as in inference
             row["val_loss"] = float(logs[f"val_{self.ce_keys[0]}"])
             row["val_acc"] = float(logs[f"val_{self.acc_key}"])
-        if not math.isfinite(row["train_loss"]):
+        step = self.watch.first_bad()
+        if step is not None:  # the epoch's loss says nan or inf (the weight decay alone: inf)
+            loss = row["train_loss"] if not math.isfinite(row["train_loss"]) else math.inf
+            raise TrainingDiverged(
+                f"training diverged: train_loss is {loss} at step {step} (epoch {epoch + 1}, "
+                f"batch {step - epoch * self.steps} of {self.steps}); lower optim.lr")
+        if not math.isfinite(row["train_loss"]):  # every step finite, their mean overflowed
             raise TrainingDiverged(f"training diverged: train_loss is {row['train_loss']} in "
-                                   f"epoch {row['epoch']}; lower optim.lr")
+                                   f"epoch {epoch + 1} (its mean over the steps); lower optim.lr")
         self.rows.append(row)
         self.metrics_log.append(row)
         self.board.write(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
         self.progress.end_epoch(row)
-        save_atomically(self.model, self.checkpoint)
+        folder = self.checkpoints.save(epoch + 1, lambda tmp: self.model.save(tmp / CHECKPOINT),
+                                       {"backend": self.backend_name})
+        self.saved = folder / CHECKPOINT
 
     def close(self) -> None:
         self.progress.close()
@@ -184,39 +250,80 @@ class _LiveEpochLog(_EpochLog):
         self.progress.step(done, lambda: {"loss": loss, "acc": logs.get(self.acc_key)})
 
 
-def _check_options(b) -> None:
-    """conf/backend/keras.yaml's options, one error line per bad value (before TF starts)."""
-    def whole(v, low):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    errors = []
-    if b.get("jit_compile", "auto") not in ("auto", True, False):
-        errors.append(f"backend.jit_compile={b.jit_compile!r} is invalid: expected auto, true "
-                      "or false")
-    if not whole(b.get("steps_per_execution", 1), 1):
-        errors.append(f"backend.steps_per_execution={b.steps_per_execution!r} is invalid: "
-                      "expected a positive integer")
-    lift = b.get("onnx_lift_min_size", 1)
-    if lift is not None and not whole(lift, 1):
-        errors.append(f"backend.onnx_lift_min_size={lift!r} is invalid: expected a positive "
-                      "integer or null")
-    if errors:
-        raise ConfigError("\n".join(errors))
-
-
 def _divisor_at_most(n: int, steps: int) -> int:
     """The largest divisor of ``steps`` that is <= ``n``: a compiled call of several batches
     stops only when it has run all of them, so it must never straddle two epochs."""
     return max(d for d in range(1, max(1, min(n, steps)) + 1) if steps % d == 0)
 
 
-def save_atomically(model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file beside ``path``, then rename it, so a crash
-    never leaves half a checkpoint where a good one was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}-tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------- safe loading
+_ARCHIVE = ("config.json", "metadata.json", "model.weights.h5")  # what model.save writes
+# Keras classes whose config carries code or loads another file
+_CODE_CLASSES = {"Lambda": "Python code", "__lambda__": "Python code",
+                 "TorchModuleWrapper": "Python code", "JaxLayer": "Python code",
+                 "FlaxLayer": "Python code", "TFSMLayer": "a SavedModel loaded from another path"}
+_OWN_MODULE = __name__.rsplit(".", 1)[0] + ".keras_model"  # the registered cnnzoo layers
+
+
+def _refused(path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path}: refused: {reason}; only checkpoints written by cnnzoo "
+                           "are loaded")
+
+
+def check_archive(path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is what ``model.save`` writes for a cnnzoo
+    model: a zip of exactly config.json, metadata.json and model.weights.h5 whose config
+    names Keras' own classes and functions and cnnzoo's registered layers only (no Lambda or
+    other code, no other module). Nothing in the file is deserialized here."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(z.namelist())
+            if names != sorted(_ARCHIVE):
+                raise _refused(path, f"it holds {', '.join(names) or 'nothing'}, not exactly "
+                               f"{', '.join(_ARCHIVE)}")
+            config = json.loads(z.read("config.json"))
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise _refused(path, f"not a .keras archive ({type(err).__name__}: "
+                       f"{_first_line(err)})") from None
+
+    def walk(node):
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            name, module = node.get("class_name"), node.get("module")
+            if name in _CODE_CLASSES:
+                raise _refused(path, f"its config holds a {name} ({_CODE_CLASSES[name]})")
+            if module is not None and not (
+                    module == "keras" or str(module).startswith("keras.")
+                    or (module == "builtins" and name == "function")
+                    or (module == _OWN_MODULE
+                        and str(node.get("registered_name")).startswith("cnnzoo>"))):
+                what = node.get("config") if name == "function" else name
+                raise _refused(path, f"its config names {module}.{what}, which is not part of "
+                               "Keras or cnnzoo")
+            for v in node.values():
+                walk(v)
+    walk(config)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_safely(path: Path):
+    """The uncompiled model saved at ``path``, after ``check_archive``, with ``safe_mode=True``;
+    ``CheckpointError`` (one line) for a file that cannot or must not be loaded."""
+    path = Path(path)
+    check_archive(path)
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # noqa: BLE001 (Keras raises many kinds; all mean refused)
+        raise _refused(path, f"Keras cannot load it safely: {_first_line(err)}") from None
 
 
 # --------------------------------------------------------------------------- the backend
@@ -236,7 +343,6 @@ class KerasBackend(Backend):
 
     def __init__(self, cfg, run_dir):
         super().__init__(cfg, run_dir)
-        _check_options(cfg.backend)
         self.policy = PRECISION_POLICIES[cfg.hardware.precision]
         self.devices, self.kind = self._configure_devices()
         if cfg.trainer.deterministic:
@@ -312,19 +418,21 @@ class KerasBackend(Backend):
     def count_params(self, model) -> int:
         return int(sum(math.prod(w.shape) for w in model.trainable_weights))
 
-    def input_pipeline(self, split, shuffle: bool, epochs: int = 1, limit: int | None = None):
-        """A ``tf.data.Dataset`` of (NHWC images, labels) batches: epoch 0's batches in
-        ``epoch_order(len(split), seed, 0, shuffle)``, then epoch 1's, ... up to ``epochs``,
-        each epoch with its own augmentation; ``limit`` batches per epoch (default all).
-        Training runs ``model.fit`` over it with ``steps_per_epoch`` = batches per epoch, so
-        epoch e consumes exactly epoch e's batches."""
+    def input_pipeline(self, split, shuffle: bool, epochs: int = 1, limit: int | None = None,
+                       start: int = 0):
+        """A ``tf.data.Dataset`` of (NHWC images, labels) batches: epoch ``start``'s batches in
+        ``epoch_order(len(split), seed, start, shuffle)``, then the next epoch's, ... up to
+        epoch ``epochs`` - 1, each epoch with its own augmentation; ``limit`` batches per epoch
+        (default all). Training runs ``model.fit(initial_epoch=start)`` over it with
+        ``steps_per_epoch`` = batches per epoch, so epoch e consumes exactly epoch e's
+        batches, also when resumed."""
         bs, seed = self.cfg.data.batch_size, self.cfg.seed
         per_epoch = math.ceil(len(split) / bs)
         per_epoch = per_epoch if limit is None else min(per_epoch, limit)
         c, size = split.preprocess.channels, split.preprocess.size
 
         def batches():
-            for epoch in range(epochs):
+            for epoch in range(start, epochs):
                 order = epoch_order(len(split), seed, epoch, shuffle)
                 for b in range(per_epoch):
                     x, y = split.take(order[b * bs:(b + 1) * bs], epoch)
@@ -338,7 +446,8 @@ class KerasBackend(Backend):
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF)
         # a known length: Keras then never reads past the last batch (or warns that it ran out)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(epochs * per_epoch))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(max(0, epochs - start)
+                                                              * per_epoch))
         return ds.with_options(options).prefetch(2)
 
     # ---------------------------------------------------------------- training
@@ -348,9 +457,10 @@ class KerasBackend(Backend):
         spec, _ = self._built[id(model)]
         outputs = list(model.output_names)
         bs, max_epochs = c.data.batch_size, c.trainer.max_epochs
+        start = 0 if resume is None else resume.epoch
         steps = num_batches(c.trainer.limit_train_batches, math.ceil(len(train) / bs))
         val_steps = num_batches(c.trainer.limit_val_batches, math.ceil(len(val) / bs))
-        train_ds = self.input_pipeline(train, True, max_epochs, steps)
+        train_ds = self.input_pipeline(train, True, max_epochs, steps, start)
         val_ds = self.input_pipeline(val, False, 1, val_steps)
         if len(outputs) > 1:  # every head is trained on the same labels
             copies = lambda x, y: (x, (y,) * len(outputs))  # noqa: E731
@@ -369,27 +479,49 @@ class KerasBackend(Backend):
                 jit_compile=c.backend.get("jit_compile", "auto"),
                 steps_per_execution=_divisor_at_most(c.backend.get("steps_per_execution", 1),
                                                      steps))
+        # keys beside the hardware config in results.json (none replaces one)
+        extra = {"device": self.devices[0], "replica_devices": self.devices,
+                 "replicas": self.strategy.num_replicas_in_sync,
+                 "distribution": "MirroredStrategy" if len(self.devices) > 1 else "none",
+                 "dtype_policy": self.policy or "float32"}
+        self._inference.pop(id(model), None)  # the weights change from here on
+        if resume is not None:
+            self._restore(model, resume.file(CHECKPOINT))
+            if start >= max_epochs:  # nothing left to train
+                return TrainReport(history=[], train_time_s=0.0, images_per_s=0.0,
+                                   checkpoint=resume.file(CHECKPOINT), extra=extra)
+        watch = _LossWatch(self.strategy, model.optimizer.iterations)
         images_per_epoch = min(steps * bs, len(train))
-        checkpoint = self.run_dir / "checkpoints" / CHECKPOINT
         progress_live = c.trainer.progress_bar and sys.stdout.isatty()
         log = (_LiveEpochLog if progress_live else _EpochLog)(
-            self, steps, images_per_epoch, outputs, spec.aux_weight, checkpoint)
+            self, steps, images_per_epoch, outputs, spec.aux_weight, watch,
+            seed_state_variables(model))
+        model.loss_hook = watch.update
         try:
-            model.fit(train_ds, epochs=max_epochs, steps_per_epoch=steps,
+            model.fit(train_ds, initial_epoch=start, epochs=max_epochs, steps_per_epoch=steps,
                       validation_data=val_ds, callbacks=[log], verbose=0, shuffle=False)
         finally:
+            model.loss_hook = None
             log.close()
             self._inference.pop(id(model), None)  # the weights changed
         seconds = max(log.train_time, 1e-9)
         return TrainReport(history=log.rows, train_time_s=seconds,
                            images_per_s=log.images / seconds,
-                           checkpoint=checkpoint if checkpoint.exists() else None,
-                           # keys beside the hardware config in results.json (none replaces one)
-                           extra={"device": self.devices[0], "replica_devices": self.devices,
-                                  "replicas": self.strategy.num_replicas_in_sync,
-                                  "distribution": ("MirroredStrategy" if len(self.devices) > 1
-                                                   else "none"),
-                                  "dtype_policy": self.policy or "float32"})
+                           checkpoint=log.saved or (resume.file(CHECKPOINT) if resume else None),
+                           extra=extra)
+
+    def _restore(self, model, path: Path) -> None:
+        """Weights and optimizer state (moments, step count) from a checkpoint into the
+        compiled ``model``: the optimizer is built first so that ``load_weights`` fills its
+        variables. The file is checked and loaded safely (``load_safely``) before."""
+        load_safely(path)  # refuses a file that would need code; discarded, read again below
+        with self.strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+        try:
+            model.load_weights(path)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot be loaded into this model: "
+                                  f"{_first_line(err)}") from None
 
     # ---------------------------------------------------------------- inference
     def _inference_of(self, model) -> _Inference:
@@ -447,14 +579,13 @@ class KerasBackend(Backend):
             raise ValueError(f"{path.name}: keras checkpoints end in .keras or .weights.h5")
 
     def load_checkpoint(self, model, path: Path) -> None:
-        """Weights from a ``.keras`` file (loaded with ``safe_mode=True``: no code from the
-        file runs) or a ``.weights.h5`` file into ``model``."""
+        """Weights from a ``.keras`` file (``load_safely``: a file with code is refused) or a
+        ``.weights.h5`` file (data only) into ``model``."""
         path = Path(path)
         if path.name.endswith(".weights.h5"):
             model.load_weights(path)
         else:
-            saved = keras.models.load_model(path, safe_mode=True, compile=False)
-            model.set_weights(saved.get_weights())
+            model.set_weights(load_safely(path).get_weights())
         self._inference.pop(id(model), None)
 
     def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
