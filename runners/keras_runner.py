@@ -48,6 +48,7 @@ from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
 from cnnzoo.data import epoch_order
 from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
+from cnnzoo.tensorboard import ScalarWriter
 from cnnzoo.validate import ConfigError
 
 from .base import Backend, TrainingDiverged, TrainReport
@@ -106,22 +107,6 @@ def make_optimizer(c, policy: str | None):
 
 
 # --------------------------------------------------------------------------- callbacks
-class _TensorBoard:
-    """The metrics.csv scalars, one event per epoch, under the same tags as the other backends."""
-
-    def __init__(self, logdir: Path):
-        self.writer = tf.summary.create_file_writer(str(logdir))
-
-    def write(self, step: int, scalars: dict) -> None:
-        with self.writer.as_default(step=step):
-            for k, v in scalars.items():
-                tf.summary.scalar(k, float(v))
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class _LossWatch:
     """The first training step whose loss is NaN or infinite, kept on the device: ``update``
     runs inside every compiled step (a few scalar ops, no host read) and records the 1-based
@@ -185,7 +170,7 @@ class _EpochLog(keras.callbacks.Callback):
         self.ce_keys = [f"{prefix(o)}ce" for o in outputs]
         self.aux_weight = aux_weight
         self.metrics_log = MetricsLog(backend.run_dir / "metrics.csv")
-        self.board = _TensorBoard(backend.run_dir / "tensorboard")
+        self.board = ScalarWriter(backend.run_dir / "tensorboard")
         self.progress = EpochProgress(self.max_epochs, steps, c.trainer.progress_bar)
         self.rows, self.train_time, self.images = [], 0.0, 0
 

@@ -41,10 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
-from cnnzoo.compat import patch_mxnet, tensorboard_without_tensorflow
+from cnnzoo.compat import patch_mxnet
 from cnnzoo.data import epoch_order
 from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
+from cnnzoo.tensorboard import ScalarWriter
 from cnnzoo.validate import ConfigError
 
 from .base import Backend, TrainingDiverged, TrainReport
@@ -345,36 +346,6 @@ def restore_trainer_state(mx, trainer, folder: Path) -> None:
     trainer.set_learning_rate(lr)
 
 
-# --------------------------------------------------------------------------- reporting
-class _TensorBoard:
-    """Per-epoch scalars as TensorBoard event files, written with TensorBoard's own writer
-    (TensorFlow stays unimported); skipped when tensorboard is not installed."""
-
-    def __init__(self, logdir: Path):
-        tensorboard_without_tensorflow()
-        try:
-            from tensorboard.compat.proto.event_pb2 import Event
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        except ModuleNotFoundError:
-            self.writer = None
-            return
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.writer, self._event, self._summary = EventFileWriter(str(logdir)), Event, Summary
-
-    def write(self, step: int, scalars: dict) -> None:
-        if self.writer is None:
-            return
-        values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-        self.writer.add_event(self._event(wall_time=time.time(), step=step,
-                                          summary=self._summary(value=values)))
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 # --------------------------------------------------------------------------- the backend
 class MXNetBackend(Backend):
     name = "mxnet"
@@ -473,7 +444,7 @@ class MXNetBackend(Backend):
         ckpts = CheckpointDir(self.run_dir)
         checkpoint = resume.file(WEIGHTS_FILE) if resume is not None else None
         metrics_log = MetricsLog(self.run_dir / "metrics.csv")
-        board = _TensorBoard(self.run_dir / "tensorboard")
+        board = ScalarWriter(self.run_dir / "tensorboard")
         progress = EpochProgress(max_epochs, len(train_batches), c.trainer.progress_bar)
         rows, train_time, images = [], 0.0, 0
         try:
