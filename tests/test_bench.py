@@ -1,0 +1,154 @@
+"""The benchmark harness (``python -m bench``): its options, its verdicts and, end to end, a
+``--quick`` run of LeNet-5 on every backend as a real subprocess. Only the shape and sanity of
+the results are asserted, never a timing: the numbers depend on the machine."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not an installed package
+from bench import report
+from bench.__main__ import PARTS, parse_args
+from bench.common import Row, Stats
+
+BACKENDS = ("torch", "keras", "mxnet")
+ROW_COLUMNS = ["part", "measurement", "arch", "backend", "variant", "input_size", "batch",
+               "threads", "metric", "unit", "median", "min", "max", "spread_pct", "reps",
+               "warmup", "baseline", "ratio", "target", "status", "note"]
+FINGERPRINT_COLUMNS = ["cpu", "physical_cores", "logical_cpus", "gpu", "os", "python", "torch",
+                       "pytorch_lightning", "tensorflow", "keras", "mxnet", "onnx",
+                       "onnxruntime", "numpy", "hydra", "git_commit"]
+
+
+# --------------------------------------------------------------------------- fast
+def test_quick_preset_and_explicit_options():
+    a = parse_args(["--quick"])
+    assert a.archs == ["lenet5"] and a.reps == 2 and a.steps == 8 and a.variants == []
+    assert a.infer_batches == [1, 8] and a.parts == list(PARTS)
+    a = parse_args(["--quick", "--reps", "4", "--archs", "lenet5,resnet50",
+                    "--variants", "torch:backend.channels_last=true",
+                    "mxnet@lenet5:hardware.threads={cores},backend.static_shape=false"])
+    assert a.reps == 4 and a.archs == ["lenet5", "resnet50"]
+    assert a.variants[0] == ("torch", None, ["backend.channels_last=true"])
+    backend, arch, overrides = a.variants[1]
+    assert (backend, arch) == ("mxnet", "lenet5") and overrides[1] == "backend.static_shape=false"
+    assert overrides[0].startswith("hardware.threads=") and "{" not in overrides[0]
+    full = parse_args([])
+    assert full.archs == ["lenet5", "resnet50"] and full.steps is None and full.variants
+    with pytest.raises(SystemExit):
+        parse_args(["--parts", "training,nonsense"])
+
+
+def _train(measurement, backend, median, arch="lenet5", size=32, batch=32, variant="default"):
+    return Row("training", measurement, "throughput", "images/s",
+               Stats(median, median * 0.9, median * 1.1, 3), arch=arch, backend=backend,
+               input_size=size, batch=batch, variant=variant)
+
+
+def test_verdicts_compare_product_with_the_fastest_hand_written_loop():
+    rows = [_train("hand-written: plain loop, NCHW", "torch", 100.0),
+            _train("hand-written: plain loop, channels_last", "torch", 200.0),
+            _train("product: backend.train()", "torch", 195.0),
+            _train("product: backend.train()", "torch", 150.0, variant="x=1"),
+            _train("hand-written: tf.function step", "keras", 10.0, "resnet50", 224, 16),
+            _train("product: backend.train()", "keras", 9.0, "resnet50", 224, 16),
+            _train("product: backend.train()", "mxnet", 9.0, "resnet50", 224, 16)]  # no baseline
+    report.judge_training(rows)
+    assert [r.status for r in rows[2:]] == ["pass", "gap", "", "gap", ""]
+    assert rows[2].ratio == pytest.approx(0.975) and "channels_last" in rows[2].baseline
+    # efficiency: 9 images/s x 3 x 4.1 GFLOP = 110.7 GFLOP/s of a 140 GFLOP/s peak = 79%
+    eff = report.efficiency_rows(rows, 140.0, "peak", {("resnet50", 224): 4_100_000_000})
+    keras = next(r for r in eff if r.backend == "keras" and r.measurement.startswith("product"))
+    assert keras.stats.median == pytest.approx(9 * 3 * 4.1 / 140) and keras.status == "pass"
+    assert keras.target == ">= 75% of peak"
+    # the data pipeline against the LeNet-5 product rate of its backend
+    pipe = Row("data", "torch input_pipeline", "throughput", "images/s",
+               Stats(900.0, 800.0, 1000.0, 3), backend="torch")
+    report.judge_data(rows + [pipe])
+    assert pipe.status == "gap" and pipe.ratio == pytest.approx(900 / 195)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--archs", "lenet5",
+                           "--backends", ",".join(BACKENDS), "--out", str(out)],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return proc, out
+
+
+def _positive(value: str) -> float:
+    v = float(value)
+    assert v > 0 and math.isfinite(v)
+    return v
+
+
+@pytest.mark.slow
+def test_quick_run_writes_csv_json_and_markdown(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (out / "results.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ROW_COLUMNS + FINGERPRINT_COLUMNS
+        rows = list(reader)
+    assert rows and not [r for r in rows if r["status"] == "error"]
+    for r in rows:  # every row carries the machine it ran on
+        assert r["cpu"] and int(r["physical_cores"]) >= 1 and int(r["logical_cpus"]) >= 1
+        assert r["gpu"] and r["python"].startswith("3.") and r["torch"] and r["onnxruntime"]
+        lo, mid, hi = _positive(r["min"]), _positive(r["median"]), _positive(r["max"])
+        assert lo <= mid <= hi and int(r["reps"]) >= 1
+        assert r["status"] in ("", "pass", "gap")
+        assert (r["status"] != "") == (r["target"] != "")
+
+    def find(part, backend=None, prefix=""):
+        return [r for r in rows if r["part"] == part and r["measurement"].startswith(prefix)
+                and (backend is None or r["backend"] == backend)]
+
+    for b in BACKENDS:
+        product = find("training", b, "product")
+        assert len(product) == 1 and product[0]["arch"] == "lenet5"
+        assert product[0]["input_size"] == "32" and product[0]["batch"] == "32"
+        assert product[0]["target"] and _positive(product[0]["ratio"])
+        assert find("training", b, "hand-written")
+        assert find("efficiency", b, "product")[0]["unit"] == "fraction"
+        native = find("inference", b, "native")
+        ort = find("inference", b, "onnxruntime")
+        assert {r["batch"] for r in native} == {r["batch"] for r in ort} == {"1", "8"}
+        assert all(_positive(r["ratio"]) for r in ort if r["metric"] == "latency")
+        assert len(find("startup", b, f"python run.py backend={b}: time to first")) == 1
+        pipe = find("data", b)
+        assert len(pipe) == 1 and pipe[0]["status"] in ("pass", "gap")
+    assert find("startup", prefix="python run.py --help")[0]["target"] == "< 1 s"
+    assert find("startup", prefix="python run.py task=summary arch=lenet5")
+    assert find("peak", prefix="fp32 matmul peak")
+    assert find("data", prefix="npz") and find("data", prefix="digits")
+
+
+@pytest.mark.slow
+def test_quick_run_json_and_markdown_agree_with_the_csv(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"].startswith("python -m bench --quick")
+    assert set(FINGERPRINT_COLUMNS) <= set(data["fingerprint"])
+    with (out / "results.csv").open(newline="") as f:
+        assert len(data["rows"]) == len(list(csv.DictReader(f)))
+    assert data["targets"] and {t["status"] for t in data["targets"]} <= {"pass", "gap"}
+    product = [r for r in data["rows"]
+               if r["part"] == "training" and r["measurement"].startswith("product")]
+    assert len(product) == len(BACKENDS)
+    assert all(r["extra"]["reported_images_per_s"] > 0 for r in product)
+    md = (out / "results.md").read_text()
+    for heading in ("## Targets", "## Training throughput", "## Compute efficiency",
+                    "## Inference", "## Start-up", "## Data pipeline",
+                    "## fp32 matrix-multiply peak"):
+        assert heading in md
+    assert all(f"| {b} |" in md for b in BACKENDS)
+    assert data["fingerprint"]["cpu"] in md
