@@ -193,9 +193,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]):
           f"{len(val_split)} val images; backend {cfg.backend.name}")
     if backend.is_main_process:
         prepare_run_dir(cfg, run_dir, resume)
-    if resume is not None and backend.is_main_process:
-        print(f"resuming from {resume.path} (epoch {resume.epoch} of {cfg.trainer.max_epochs} "
-              "done)", flush=True)
+        if resume is not None:
+            print(f"resuming from {resume.path} (epoch {resume.epoch} of "
+                  f"{cfg.trainer.max_epochs} done)", flush=True)
     report = _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir)
     if not backend.is_main_process:
         return None  # worker process of multi-process training: rank 0 reports and exports
