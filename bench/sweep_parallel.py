@@ -2,13 +2,17 @@
 
 Runs the same N-trial grid sweep through run.py, sequentially (Hydra's basic launcher) and with
 ``launcher=joblib`` at --jobs processes, alternating, --repeats times each; prints the median wall
-times and their ratio. Usage:
+times and their ratio. It also times one trial alone with all threads and with its share of
+them (what each parallel trial gets): the parallel sweep cannot beat
+``jobs * t(all threads) / t(share)``, whatever the launcher does. Usage:
 
     python bench/sweep_parallel.py [--trials 4] [--jobs 2] [--repeats 3] [--epochs 10]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +34,16 @@ def sweep(extra: list[str], trials: int, epochs: int) -> float:
         return time.perf_counter() - t0
 
 
+def single(threads: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "run.py", f"trainer.max_epochs={epochs}",
+               "trainer.progress_bar=false", f"hardware.threads={threads}",
+               f"hydra.run.dir={tmp}/run"]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return json.loads((Path(tmp) / "run" / "results.json").read_text())["timings"]["total_s"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4)
@@ -42,11 +56,19 @@ def main() -> None:
         seq.append(sweep([], a.trials, a.epochs))
         par.append(sweep(["launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"], a.trials,
                          a.epochs))
+    cores = os.cpu_count() or 1
+    share = max(1, cores // a.jobs)
+    alone = [single(cores, a.epochs) for _ in range(a.repeats)]
+    shared = [single(share, a.epochs) for _ in range(a.repeats)]
     s, q = statistics.median(seq), statistics.median(par)
     print(f"{a.trials} trials of LeNet-5 ({a.epochs} epochs, digits), {a.repeats} repeats")
     print(f"sequential (basic launcher): median {s:.1f} s  runs {[round(x, 1) for x in seq]}")
     print(f"joblib, {a.jobs} jobs:          median {q:.1f} s  runs {[round(x, 1) for x in par]}")
     print(f"speed-up: {s / q:.2f}x")
+    t_all, t_share = statistics.median(alone), statistics.median(shared)
+    print(f"one trial (in-run time, imports excluded): {t_all:.1f} s at {cores} threads, "
+          f"{t_share:.1f} s at {share}; bound for {a.jobs} jobs: "
+          f"{a.jobs * t_all / t_share:.2f}x")
 
 
 if __name__ == "__main__":
