@@ -23,15 +23,24 @@
   state with its step count) and ``state.json``, after every epoch (``cnnzoo.checkpoints``).
 - Exact resume: the model is compiled, its optimizer built and ``model.load_weights`` restores
   weights and optimizer variables; the learning rate is a function of the epoch, every
-  generator (Python, NumPy, TensorFlow, each Dropout's ``SeedGenerator``) is re-seeded at each
-  epoch's start, and the ``tf.data`` pipeline starts at the checkpoint's epoch.
+  generator the training draws from (Python, NumPy, each Dropout's ``SeedGenerator``) is
+  re-seeded at each epoch's start, and the ``tf.data`` pipeline starts at the checkpoint's
+  epoch. TensorFlow's global seed is set once at ``build``: nothing in the compiled step uses
+  it, and re-setting it would clear TensorFlow's kernel cache every epoch (``seed_epoch``).
 - Divergence: ``SpecModel.loss_hook`` records the first non-finite training loss and its step
   in variables inside the compiled step; they are read once per epoch, with the metrics.
+- Input pipeline (``input_pipeline``): a ``tf.data`` generator yields chunks of whole batches,
+  each batch its own ``split.take`` (the data layer's batches, bit for bit), cut into batches
+  by ``unbatch``; a small validation split is prepared once and held in memory. glibc's
+  per-thread heaps would give every array that generator allocates fresh pages (TensorFlow
+  runs it in its own threads), so ``backend.malloc_top_pad_mb`` (default 8) lets them keep
+  that much memory (``tune_malloc``; null: malloc untouched).
 - Loading a ``.keras`` file never runs code from it: ``check_archive`` accepts only what
   ``model.save`` writes for a cnnzoo model, and Keras loads it with ``safe_mode=True``.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -59,6 +68,36 @@ from .weight_layouts import (DEPTHWISE, check_weights, expected_shapes, key, nat
 PRECISION_POLICIES = {"32-true": None, "bf16-mixed": "mixed_bfloat16",
                       "16-mixed": "mixed_float16"}
 CHECKPOINT = "model.keras"  # in each checkpoints/epoch-NNNN folder
+CHUNK_BYTES = 4 << 20  # input pipeline: images per call of its Python generator (whole batches)
+IN_MEMORY_BYTES = 128 << 20  # an unshuffled, unaugmented split up to this size is held in memory
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt() parameters
+
+
+def tune_malloc(top_pad_mb) -> bool:
+    """Keep glibc's per-thread heaps from handing memory back after every free: the input
+    pipeline's generator runs in TensorFlow's threads, whose malloc arenas (unlike the main
+    thread's) shrink their heap whenever its top is freed, so every batch array that generator
+    allocates starts on fresh pages: one page fault per 4 KiB, 7x the CPU time of a LeNet-5
+    ``split.take``. ``M_TOP_PAD`` lets each heap keep ``top_pad_mb`` MiB; setting it turns
+    off glibc's self-tuning of the mmap and trim thresholds, so they are set to the ceilings
+    that self-tuning reaches (32 and 64 MiB). Process-wide; glibc only (elsewhere, or with
+    ``top_pad_mb`` null or 0, nothing changes). Returns whether it applied."""
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        glibc = ""
+    if not top_pad_mb or not glibc.startswith("glibc"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20),
+        (_M_TOP_PAD, int(top_pad_mb) << 20)))
 
 
 def to_nhwc(images: np.ndarray) -> np.ndarray:
@@ -141,10 +180,16 @@ def seed_state_variables(model) -> list:
 
 
 def seed_epoch(seed: int, epoch: int, generators: list) -> None:
-    """Seed Python, NumPy, TensorFlow and every ``SeedGenerator`` state for 0-based ``epoch``:
-    generator i starts from ``[SeedSequence([s, i]), 0]``, s the epoch's seed."""
+    """Seed Python, NumPy and every ``SeedGenerator`` state for 0-based ``epoch``: generator i
+    starts from ``[SeedSequence([s, i]), 0]``, s the epoch's seed (a variable assignment: the
+    compiled functions are untouched).
+
+    TensorFlow's global seed is set once, in ``build``, and never here: no op of the compiled
+    train or test step draws from it (Dropout runs stateless random ops keyed by its
+    ``SeedGenerator`` state; ``test_train_step_uses_no_global_tf_seed`` checks this), and
+    ``tf.random.set_seed`` clears TensorFlow's kernel cache, so every epoch would instantiate
+    and optimize the train and test functions again (ResNet-50: seconds per epoch)."""
     s = seed_python_numpy(seed, epoch)
-    tf.random.set_seed(s)
     for i, state in enumerate(generators):
         first = int(np.random.SeedSequence([s, i]).generate_state(1)[0] & 0x7FFFFFFF)
         state.assign(np.array([first, 0], dtype=state.dtype))
@@ -328,6 +373,11 @@ class KerasBackend(Backend):
 
     def __init__(self, cfg, run_dir):
         super().__init__(cfg, run_dir)
+        pad = cfg.backend.get("malloc_top_pad_mb", 8)
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+            raise ConfigError(f"backend.malloc_top_pad_mb={pad!r} is invalid: expected an "
+                              "integer >= 0 or null")
+        tune_malloc(pad)
         self.policy = PRECISION_POLICIES[cfg.hardware.precision]
         self.devices, self.kind = self._configure_devices()
         if cfg.trainer.deterministic:
@@ -410,26 +460,66 @@ class KerasBackend(Backend):
         epoch ``epochs`` - 1, each epoch with its own augmentation; ``limit`` batches per epoch
         (default all). Training runs ``model.fit(initial_epoch=start)`` over it with
         ``steps_per_epoch`` = batches per epoch, so epoch e consumes exactly epoch e's
-        batches, also when resumed."""
+        batches, also when resumed.
+
+        The Python generator yields chunks of many whole batches (``CHUNK_BYTES`` of images),
+        shaped (batches, batch, H, W, C), and ``unbatch`` cuts them into batches in C++: each
+        call of a ``from_generator`` generator costs far more than preparing a LeNet-5 batch.
+        Each batch is still its own ``split.take`` (so exactly that batch's images and
+        augmentation, computed as every backend computes them; batch-sized takes also stay in
+        the CPU caches), transposed straight into the chunk. An epoch's last, smaller batch is
+        a chunk of its own, so no batch mixes two epochs. The next chunk is prepared while the
+        current one trains (``prefetch``). A split whose batches are the same every epoch
+        (unshuffled, not augmented: validation) of at most ``IN_MEMORY_BYTES`` is prepared
+        the same way once and held in memory: Keras starts a new iterator for every
+        validation, which costs ~20 ms on a generator and ~1 ms on tensors."""
         bs, seed = self.cfg.data.batch_size, self.cfg.seed
         per_epoch = math.ceil(len(split) / bs)
         per_epoch = per_epoch if limit is None else min(per_epoch, limit)
         c, size = split.preprocess.channels, split.preprocess.size
+        image_bytes = c * size * size * 4
 
-        def batches():
-            for epoch in range(start, epochs):
-                order = epoch_order(len(split), seed, epoch, shuffle)
-                for b in range(per_epoch):
-                    x, y = split.take(order[b * bs:(b + 1) * bs], epoch)
-                    yield to_nhwc(x), y
+        def epoch_chunks(epoch: int, chunk: int):
+            """Epoch ``epoch``'s batches as (images, labels) arrays of ``chunk`` (or fewer)
+            whole batches, (n, batch, H, W, C) and (n, batch), then the smaller last batch
+            alone, (1, rest, H, W, C)."""
+            order = epoch_order(len(split), seed, epoch, shuffle)[:per_epoch * bs]
+            whole = len(order) // bs
+            for first in range(0, whole, chunk):
+                n = min(chunk, whole - first)
+                x = np.empty((n, bs, size, size, c), np.float32)
+                y = np.empty((n, bs), np.int64)
+                for i, b in enumerate(range(first * bs, (first + n) * bs, bs)):
+                    images, y[i] = split.take(order[b:b + bs], epoch)
+                    x[i] = images.transpose(0, 2, 3, 1)  # to_nhwc, into the chunk
+                yield x, y
+            if len(order) > whole * bs:
+                images, labels = split.take(order[whole * bs:], epoch)
+                yield to_nhwc(images)[None], labels[None]
 
-        ds = tf.data.Dataset.from_generator(batches, output_signature=(
-            tf.TensorSpec((None, size, size, c), tf.float32), tf.TensorSpec((None,), tf.int64)))
         options = tf.data.Options()
         options.deterministic = True
         # one worker: the batches are split over the replicas, never sharded by file
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF)
+        if (not shuffle and not split.augments and epochs > start and per_epoch > 0
+                and min(len(split), per_epoch * bs) * image_bytes <= IN_MEMORY_BYTES):
+            # the same batches every epoch (validation): prepared once, held in memory
+            parts = [tf.data.Dataset.from_tensor_slices(part)
+                     for part in epoch_chunks(start, max(1, per_epoch))]
+            ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
+            ds = ds.repeat(epochs - start)
+        else:
+            chunk = max(1, min(per_epoch, CHUNK_BYTES // (bs * image_bytes)))
+
+            def chunks():
+                for epoch in range(start, epochs):
+                    yield from epoch_chunks(epoch, chunk)
+
+            ds = tf.data.Dataset.from_generator(chunks, output_signature=(
+                tf.TensorSpec((None, None, size, size, c), tf.float32),
+                tf.TensorSpec((None, None), tf.int64)))
+            ds = ds.prefetch(1).unbatch()
         # a known length: Keras then never reads past the last batch (or warns that it ran out)
         ds = ds.apply(tf.data.experimental.assert_cardinality(max(0, epochs - start)
                                                               * per_epoch))

@@ -1,10 +1,12 @@
 """PyTorch backend: the spec as an ``nn.Module``, trained with PyTorch Lightning.
 
-Files: ``checkpoints/epoch-NNNN/model.ckpt`` (``cnnzoo.checkpoints``), a Lightning checkpoint of
-the full training state (weights, optimizer and scheduler state, loop counters) written after
-every epoch with a finite loss. Resuming hands it to ``Trainer.fit(ckpt_path=...)``; generators
-need no saved state, each epoch reseeds them from (seed, epoch). Every load is
-``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+Files: ``metrics.csv`` and ``tensorboard/`` (the metrics.csv scalars), written once per epoch by
+the first process, as in every backend; ``checkpoints/epoch-NNNN/model.ckpt``
+(``cnnzoo.checkpoints``), a Lightning checkpoint of the full training state (weights, optimizer
+and scheduler state, loop counters) written after every epoch with a finite loss. Resuming hands
+it to ``Trainer.fit(ckpt_path=...)``; generators need no saved state, each epoch reseeds them
+from (seed, epoch). Every load is ``torch.load(weights_only=True)``: tensors and plain
+containers only, never code.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
-from cnnzoo.compat import tensorboard_without_tensorflow
 from cnnzoo.data import epoch_order
 from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
+from cnnzoo.tensorboard import ScalarWriter
 from cnnzoo.validate import ConfigError
 
 from .base import Backend, TrainingDiverged, TrainReport
@@ -51,16 +53,31 @@ _NO_BATCH = 2**62          # "no non-finite loss yet" (the largest value: proces
 class Classifier(pl.LightningModule):
     """Cross-entropy training of a SpecModule with the config's optimizer and schedule.
 
-    Each epoch starts by seeding every generator from (seed, epoch). Each training step notes
-    the first non-finite loss of the epoch on the device (no host sync); ``first_bad_batch``
-    reads it once at the epoch end."""
+    Each epoch starts by seeding every generator from (seed, epoch). The steps only add to
+    sums on the device (no host sync, no ``self.log``): per stage the loss times the batch's
+    images and the correct predictions, plus, in training, the first non-finite loss of the
+    epoch. ``epoch_means`` and ``first_bad_batch`` read them once at the epoch end, summed (or
+    the minimum taken) over all processes."""
+
+    STAGES = ("train", "val")
 
     def __init__(self, net: SpecModule, optim_cfg, max_epochs: int, channels_last: bool,
                  seed: int = 0):
         super().__init__()
         self.net, self.optim_cfg, self.max_epochs = net, optim_cfg, max_epochs
         self.channels_last, self.seed = channels_last, seed
+        self._loss_sum, self._correct, self._seen = {}, {}, {}
+        for stage in self.STAGES:
+            self._reset_sums(stage)
         self._reset_divergence()
+
+    def _reset_sums(self, stage: str):
+        # float64 (MPS has none: float32 there): a sum over a long epoch stays exact enough,
+        # and a finite loss times the batch size never overflows it
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._loss_sum[stage] = torch.zeros((), dtype=dtype, device=self.device)
+        self._correct[stage] = torch.zeros((), dtype=dtype, device=self.device)
+        self._seen[stage] = 0  # images, counted on the host: batch sizes need no sync
 
     def _reset_divergence(self):
         self._bad_batch = torch.tensor(_NO_BATCH, device=self.device)  # 0-based batch index
@@ -92,6 +109,27 @@ class Classifier(pl.LightningModule):
         # the same numbers whether this epoch follows the previous one or a resume
         torch.manual_seed(seed_python_numpy(self.seed, self.current_epoch))
         self._reset_divergence()
+        for stage in self.STAGES:  # an epoch without validation reports none
+            self._reset_sums(stage)
+
+    def on_validation_epoch_start(self):
+        self._reset_sums("val")
+
+    def epoch_means(self) -> dict[str, float]:
+        """This epoch's ``train_loss``, ``train_acc`` and (after a validation) ``val_loss``,
+        ``val_acc``: means per image over every process's images (one collective under DDP,
+        so every process calls it). The loss includes the weighted auxiliary losses."""
+        sums = torch.stack([t for s in self.STAGES for t in (self._loss_sum[s], self._correct[s])])
+        seen = torch.tensor([self._seen[s] for s in self.STAGES], dtype=sums.dtype,
+                            device=sums.device)
+        totals = self.trainer.strategy.reduce(torch.cat([sums, seen]), reduce_op="sum").tolist()
+        means = {}
+        for k, stage in enumerate(self.STAGES):
+            n = totals[len(sums) + k]
+            if n > 0:
+                means[f"{stage}_loss"] = totals[2 * k] / n
+                means[f"{stage}_acc"] = totals[2 * k + 1] / n
+        return means
 
     def first_bad_batch(self) -> tuple[int, float] | None:
         """(0-based batch, loss) of this epoch's first non-finite training loss, the earliest
@@ -115,15 +153,16 @@ class Classifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         if aux:  # auxiliary classifiers (GoogLeNet, Inception-v3) add their weighted losses
             loss = loss + self.net.aux_weight * sum(F.cross_entropy(a, y) for a in aux)
-        acc = (logits.argmax(1) == y).float().mean()
+        n, detached = len(y), loss.detach()
+        correct = (logits.argmax(1) == y).sum()
+        self._loss_sum[stage].add_(detached, alpha=n)  # the batch's mean loss times its images
+        self._correct[stage].add_(correct)
+        self._seen[stage] += n
         if stage == "train":
-            self.last_step = (loss.detach(), acc)  # for the progress display, read when it refreshes
-            first = ~torch.isfinite(loss.detach()) & (self._bad_batch == _NO_BATCH)
+            self.last_step = (detached, correct, n)  # for the progress display, read when shown
+            first = ~torch.isfinite(detached) & (self._bad_batch == _NO_BATCH)
             self._bad_batch = torch.where(first, batch_idx, self._bad_batch)
-            self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
-        # epoch means, averaged over processes under DDP (a no-op on one device)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, sync_dist=True)
+            self._bad_loss = torch.where(first, detached.float(), self._bad_loss)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -153,13 +192,16 @@ class Classifier(pl.LightningModule):
 
 
 class _EpochLog(Callback):
-    """Stops a diverged run, writes metrics.csv (the columns every backend shares), drives the
-    shared progress display and times the training epochs, excluding validation, so images/s
-    is comparable across backends."""
+    """Stops a diverged run, writes metrics.csv and TensorBoard's scalars (the columns every
+    backend shares, once per epoch, on the first process), drives the shared progress display
+    and times the training epochs, excluding validation, so images/s is comparable across
+    backends."""
 
-    def __init__(self, log: MetricsLog | None, show_progress: bool):
+    def __init__(self, log: MetricsLog | None, show_progress: bool,
+                 board_dir: Path | None = None):
         self.metrics_log, self.rows, self.train_time, self.images = log, [], 0.0, 0
         self.show_progress, self.progress = show_progress, None
+        self.board_dir, self.board = board_dir, None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0, self._val_time = time.perf_counter(), 0.0
@@ -180,22 +222,25 @@ class _EpochLog(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += len(batch[1]) * trainer.world_size
-        loss, acc = pl_module.last_step
-        self.progress.step(1, lambda: {"loss": loss.item(), "acc": acc.item()})
+        loss, correct, n = pl_module.last_step
+        self.progress.step(1, lambda: {"loss": loss.item(), "acc": correct.item() / n})
 
     def on_train_epoch_end(self, trainer, pl_module):
         elapsed = time.perf_counter() - self._t0
         self.train_time += elapsed - self._val_time
-        m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch + 1, "epoch_time_s": elapsed,
                "lr": self._lr}
-        row.update({k: float(m[k]) for k in ("train_loss", "train_acc", "val_loss", "val_acc")
-                    if k in m})
+        row.update(pl_module.epoch_means())  # collective under DDP: every process gets here
         self._check_divergence(trainer, pl_module, row)
         self.rows.append(row)
         self.progress.end_epoch(row)
-        if self.metrics_log is not None and trainer.is_global_zero:
-            self.metrics_log.append(row)
+        if trainer.is_global_zero:
+            if self.metrics_log is not None:
+                self.metrics_log.append(row)
+            if self.board_dir is not None:
+                if self.board is None:  # a resumed run adds an event file beside the earlier
+                    self.board = ScalarWriter(self.board_dir)
+                self.board.write(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
 
     def _check_divergence(self, trainer, pl_module, row):
         """Runs before _EpochCheckpoint: a diverged epoch leaves no row and no checkpoint."""
@@ -213,6 +258,9 @@ class _EpochLog(Callback):
     def teardown(self, trainer, pl_module, stage):
         if self.progress is not None:
             self.progress.close()
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 class _EpochCheckpoint(Callback):
@@ -241,24 +289,52 @@ class _SafeCheckpointIO(TorchCheckpointIO):
         return load_state(path)
 
 
-class _EpochOrder(torch.utils.data.Sampler):
-    """The data layer's per-epoch order; Lightning calls set_epoch (and wraps it for DDP).
-    For an augmented split the keys carry the epoch, ``(i, epoch)``, since the augmentation
-    depends on it and worker processes never see set_epoch."""
+class _EpochBatches(torch.utils.data.Sampler):
+    """The data layer's per-epoch order (``epoch_order``) cut into batches: each item is one
+    whole batch, ``(indices, epoch)``, which ``_SplitBatches`` fetches with one vectorised
+    ``Split.take`` (no per-image ``__getitem__``, no collation). Lightning calls set_epoch;
+    the items carry the epoch, since an augmented split's images depend on it and DataLoader
+    worker processes never see set_epoch.
 
-    def __init__(self, n: int, seed: int, shuffle: bool, with_epoch: bool = False):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-        self.with_epoch = with_epoch
+    Under DDP Lightning wraps this sampler in its ``DistributedSamplerWrapper``, which deals
+    out whole batches: for training in an order of its own (a permutation seeded from the
+    run's seed and the epoch, so resumes and reruns repeat it), for validation in turn. Every
+    process then trains on ``data.batch_size`` images per step, so a step's global batch is
+    ``data.batch_size`` x processes, as with a per-image distributed sampler, and each batch
+    holds the same images as on one device. When the processes do not divide the number of
+    batches, the wrapper repeats a few whole batches (fewer than the processes) so that every
+    process takes the same number of steps; those repeats count in the epoch's means."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.seed, self.shuffle, self.epoch = n, batch_size, seed, \
+            shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.batch_size)
 
     def __iter__(self):
-        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist()
-        return iter([(i, self.epoch) for i in order] if self.with_epoch else order)
+        order, epoch, bs = epoch_order(self.n, self.seed, self.epoch, self.shuffle), self.epoch, \
+            self.batch_size
+        return iter([(order[i:i + bs], epoch) for i in range(0, self.n, bs)])
+
+
+class _SplitBatches(torch.utils.data.Dataset):
+    """A Split read batch by batch: the key is ``(indices, epoch)`` (``_EpochBatches``), the
+    item the batch's images (N, C, H, W) float32 and labels int64, as tensors."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key):
+        indices, epoch = key
+        x, y = self.split.take(indices, epoch)
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
 class TorchBackend(Backend):
@@ -287,19 +363,22 @@ class TorchBackend(Backend):
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def input_pipeline(self, split, shuffle: bool):
+        """A DataLoader of whole batches (``_EpochBatches``: one item per batch, so
+        ``batch_size=None``), the same batches in the same order as ``split.take`` of
+        ``epoch_order``; ``loader.sampler.set_epoch`` picks the epoch."""
         workers = self.cfg.backend.num_workers
         # a generator of its own: starting an iterator draws a seed, which from the global
         # generator (dropout's) would shift its numbers differently in a resumed run
         return torch.utils.data.DataLoader(
-            split, batch_size=self.cfg.data.batch_size, num_workers=workers,
+            _SplitBatches(split), batch_size=None, num_workers=workers,
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.cfg.seed),
-            sampler=_EpochOrder(len(split), self.cfg.seed, shuffle, split.augments))
+            sampler=_EpochBatches(len(split), self.cfg.data.batch_size, self.cfg.seed, shuffle))
 
     def train(self, model, train, val, resume=None) -> TrainReport:
         c, hw = self.cfg, self.cfg.hardware
         _check_gpus(hw)
         epoch_log = _EpochLog(MetricsLog(self.run_dir / "metrics.csv") if self.is_main_process
-                              else None, c.trainer.progress_bar)
+                              else None, c.trainer.progress_bar, self.run_dir / "tensorboard")
         self._trainer = trainer = pl.Trainer(
             accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
             strategy=hw.strategy,
@@ -309,8 +388,9 @@ class TorchBackend(Backend):
             deterministic=c.trainer.deterministic, enable_progress_bar=False,  # ours: _EpochLog
             # _EpochLog first: a diverged epoch raises before _EpochCheckpoint writes it
             callbacks=[epoch_log, _EpochCheckpoint(self.run_dir)], enable_checkpointing=False,
-            plugins=[_SafeCheckpointIO()], logger=self._logger(), default_root_dir=self.run_dir,
-            enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
+            # logs: _EpochLog writes metrics.csv and TensorBoard once per epoch, as every backend
+            plugins=[_SafeCheckpointIO()], logger=False, default_root_dir=self.run_dir,
+            enable_model_summary=False, num_sanity_val_steps=0)
         train_loader, val_loader = self.input_pipeline(train, True), self.input_pipeline(val, False)
         if resume is not None:  # Lightning starts the first iterator (workers prefetch) before
             train_loader.sampler.set_epoch(resume.epoch)  # it sets the resumed epoch
@@ -327,15 +407,6 @@ class TorchBackend(Backend):
                            images_per_s=epoch_log.images / seconds,
                            checkpoint=latest.file(CHECKPOINT) if latest else None,
                            extra={"device": str(trainer.strategy.root_device)})
-
-    def _logger(self):
-        tensorboard_without_tensorflow()
-        try:
-            from pytorch_lightning.loggers import TensorBoardLogger
-            return TensorBoardLogger(self.run_dir, name="tensorboard", version="",
-                                     default_hp_metric=False)
-        except ModuleNotFoundError:  # tensorboard is optional for this backend
-            return False
 
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         model = model.cpu().float().eval()

@@ -6,6 +6,9 @@ import csv
 import gc
 import json
 import math
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -19,8 +22,9 @@ import architectures
 from architectures import spec as S
 from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder
 from cnnzoo.checkpoints import CheckpointDir, CheckpointError
-from cnnzoo.data import Preprocess, epoch_order, load_digits, make_synthetic
-from conftest import compose_cfg, run_cli, toy_spec
+from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic
+from cnnzoo.validate import ConfigError
+from conftest import ROOT, compose_cfg, run_cli, toy_spec
 from export import export_and_verify
 from runners import available_backends, load_backend
 from runners.base import TrainingDiverged
@@ -251,6 +255,32 @@ def test_seeded_training_is_bitwise_reproducible_in_process(tmp_path):
     assert all(np.array_equal(u, v) for u, v in zip(*weights))
 
 
+def test_train_step_uses_no_global_tf_seed(tmp_path, monkeypatch):
+    """Exact resume re-seeds only Python, NumPy and the Dropout ``SeedGenerator`` states each
+    epoch: that is enough only while no op of the compiled step draws from TensorFlow's global
+    seed (a stateful random op), and training never calls ``tf.random.set_seed``, which would
+    clear TensorFlow's kernel cache and re-instantiate the compiled step every epoch."""
+    from runners.keras_runner import tf
+    cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "trainer.max_epochs=2",
+                      "data.batch_size=8", "trainer.progress_bar=false")
+    b = KerasBackend(cfg, tmp_path)
+    train, val = make_synthetic(40, 5, 32, 3, seed=1).split(
+        Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3), 0.2, seed=cfg.seed)
+    model = b.build(toy_spec(), 32)  # has a Dropout layer
+    seeded = []
+    monkeypatch.setattr(tf.random, "set_seed", seeded.append)
+    b.train(model, train, val)
+    assert seeded == []
+    spec = (tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None,), tf.int64))
+    graph = tf.function(lambda x, y: model.train_step((x, y))).get_concrete_function(
+        *spec).graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    random_ops = {n.op for n in nodes if any(w in n.op for w in (
+        "Random", "Multinomial", "TruncatedNormal", "Shuffle", "Gamma", "Poisson"))}
+    assert random_ops and all(op.startswith("Stateless") for op in random_ops), random_ops
+    assert not [n.name for n in nodes if n.attr["seed"].i or n.attr["seed2"].i]
+
+
 @pytest.mark.parametrize("options", [[], ["backend.jit_compile=true"]], ids=["graph", "xla"])
 def test_divergence_names_the_first_non_finite_step(tmp_path, monkeypatch, options):
     """The step comes from the compiled step's own record, read at the epoch's end; a per-batch
@@ -278,6 +308,42 @@ def test_steps_per_execution_never_straddles_two_epochs(wanted, steps, used):
     assert _divisor_at_most(wanted, steps) == used
 
 
+_GLIBC = (getattr(os, "confstr", lambda _: "")("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+
+
+@pytest.mark.skipif(not _GLIBC, reason="tunes glibc's malloc")
+def test_generator_threads_reuse_freed_pages(tmp_path):
+    """With ``backend.malloc_top_pad_mb`` (default 8), arrays the tf.data generator allocates and
+    frees batch after batch reuse their pages: no page fault per 4 KiB (glibc's per-thread
+    heaps otherwise hand the memory back at every free). In a fresh process: the setting is
+    process-wide."""
+    code = (
+        "import resource, numpy as np\n"
+        "from runners.keras_runner import tf, tune_malloc\n"
+        "assert tune_malloc(8)\n"
+        "faults = []\n"
+        "def gen():\n"
+        "    start = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt\n"
+        "    for _ in range(64):\n"
+        "        a = np.ones((32, 1, 32, 32), np.float32)\n"  # a LeNet-5 batch: 128 KiB
+        "        b = np.ascontiguousarray(a.transpose(0, 2, 3, 1))\n"
+        "        del a, b\n"
+        "    faults.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - start) / 64)\n"
+        "    yield 0\n"
+        "list(tf.data.Dataset.from_generator(gen, output_signature=tf.TensorSpec((), tf.int32)))\n"
+        "print(faults[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 8  # untuned (glibc 2.36): 33, a fresh 128 KiB
+
+
+def test_malloc_tuning_option_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="backend.malloc_top_pad_mb"):
+        KerasBackend(compose_cfg("backend=keras", "hardware=cpu",
+                                 "backend.malloc_top_pad_mb=lots"), tmp_path)
+
+
 # --------------------------------------------------------------------------- 6. input pipeline
 def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
     train, _ = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=3)
@@ -300,6 +366,65 @@ def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
     want_x, want_y = train.take(epoch_order(len(train), seed, 2)[:bs], 2)
     np.testing.assert_array_equal(x.numpy(), to_nhwc(want_x))
     np.testing.assert_array_equal(y.numpy(), want_y)
+
+
+@pytest.mark.parametrize("chunk_batches", [1, 3, 1000])
+@pytest.mark.parametrize("start, epochs, limit", [(0, 2, None), (2, 4, None), (1, 3, 5)])
+def test_input_pipeline_batches_are_the_data_layers_batches(backend, monkeypatch, chunk_batches,
+                                                            start, epochs, limit):
+    """Every batch, bit for bit, is ``split.take`` of that batch's indices in
+    ``epoch_order`` with that epoch's augmentation, whatever the generator's chunk size (one
+    batch, a few, all), also when starting at a later epoch; an epoch's last, smaller batch is
+    never merged with the next epoch's."""
+    import runners.keras_runner as kr
+    pre = Preprocess(32, 3, (0.5,) * 3, (0.25,) * 3,
+                     augment=Augment(random_crop_padding=4, horizontal_flip=True))
+    train, _ = load_digits().split(pre, 0.2, seed=3, limit=250)  # 200 images: 7 batches of 32
+    assert train.augments
+    monkeypatch.setattr(kr, "CHUNK_BYTES", chunk_batches * 32 * 3 * 32 * 32 * 4)
+    _check_batches(backend, train, True, start, epochs, limit)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("start, epochs, limit", [(0, 1, None), (1, 3, None), (0, 2, 3)])
+def test_validation_pipeline_batches_are_the_data_layers_batches(backend, monkeypatch, in_memory,
+                                                                 start, epochs, limit):
+    """An unshuffled split without augmentation (validation) gives the same batches held in
+    memory (small) as from the generator (over ``IN_MEMORY_BYTES``)."""
+    import runners.keras_runner as kr
+    _, val = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=3)  # 359 images
+    assert not val.augments
+    monkeypatch.setattr(kr, "IN_MEMORY_BYTES", kr.IN_MEMORY_BYTES if in_memory else 0)
+    monkeypatch.setattr(kr.tf.data.Dataset, "from_generator", _refuse if in_memory
+                        else kr.tf.data.Dataset.from_generator)
+    _check_batches(backend, val, False, start, epochs, limit)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a small validation split is held in memory")
+
+
+def _check_batches(backend, split, shuffle, start, epochs, limit):
+    bs, seed = backend.cfg.data.batch_size, backend.cfg.seed
+    per_epoch = math.ceil(len(split) / bs) if limit is None else limit
+    ds = backend.input_pipeline(split, shuffle=shuffle, epochs=epochs, limit=limit, start=start)
+    assert len(ds) == (epochs - start) * per_epoch
+    assert ds.element_spec[0].shape.as_list()[1:] == [32, 32, split.preprocess.channels]
+    got = list(ds.as_numpy_iterator())
+    want = []
+    for epoch in range(start, epochs):
+        order = epoch_order(len(split), seed, epoch, shuffle)
+        for b in range(per_epoch):
+            x, y = split.take(order[b * bs:(b + 1) * bs], epoch)
+            want.append((to_nhwc(x), y))
+    assert len(got) == len(want)
+    for (x, y), (want_x, want_y) in zip(got, want):
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+    if limit is None:  # the last, smaller batch of each epoch is its own batch
+        rest = len(split) - (per_epoch - 1) * bs
+        assert [len(y) for _, y in got[:per_epoch]] == [bs] * (per_epoch - 1) + [rest]
 
 
 # --------------------------------------------------------------------------- inference, files

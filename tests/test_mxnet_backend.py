@@ -5,6 +5,7 @@ divergence, refusing pickles, interrupted writes), export and the compatibility 
 tests run ``python run.py backend=mxnet`` end to end."""
 import csv
 import json
+import os
 import pickle
 import re
 import shutil
@@ -37,7 +38,7 @@ from runners import available_backends, load_backend  # noqa: E402
 from runners.base import TrainingDiverged  # noqa: E402
 from runners.mxnet_model import SpecGraph, key  # noqa: E402
 from runners.mxnet_runner import (MXNetBackend, make_optimizer, restore_trainer_state,  # noqa: E402
-                                  training_loss)
+                                  step_sums, training_loss)
 from runners.torch_model import SpecModule  # noqa: E402
 
 NOT_LOADED = {"torch", "tensorflow", "keras", "pytorch_lightning"}
@@ -482,6 +483,29 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, hardware, 
     assert all(np.array_equal(again[name], want[name]) for name in want)
 
 
+@pytest.mark.parametrize("hybridize", [True, False])
+def test_step_sums_equal_the_imperative_running_sums(hybridize):
+    """One hybridized call per step gives exactly the running loss sum, correct count and
+    finite-step count that the imperative ops give, also once the sum turns NaN or Inf."""
+    block = step_sums(hybridize)
+    rng = np.random.default_rng(0)
+    sums, finite = mx.nd.zeros(2), mx.nd.zeros(2)
+    want_sums, want_finite = mx.nd.zeros(2), mx.nd.zeros(2)
+    for step in range(6):
+        n = 8 if step < 5 else 3  # a smaller last batch
+        loss = rng.random(n).astype(np.float32) * 3
+        if step == 3:
+            loss[1] = np.inf if hybridize else np.nan
+        loss, logits = mx.nd.array(loss), mx.nd.array(rng.standard_normal((n, 5)))
+        labels = mx.nd.array(rng.integers(0, 5, n))
+        sums, finite = block(loss, logits, labels, sums, finite)
+        want_sums += mx.nd.concat(loss.sum(), (logits.argmax(axis=1) == labels).sum(), dim=0)
+        want_finite += mx.nd.contrib.isfinite(want_sums)
+        np.testing.assert_array_equal(sums.asnumpy(), want_sums.asnumpy())
+        np.testing.assert_array_equal(finite.asnumpy(), want_finite.asnumpy())
+    assert finite.asnumpy()[0] == 3 and finite.asnumpy()[1] == 6
+
+
 @pytest.fixture(scope="module")
 def one_epoch(tmp_path_factory):
     """A toy run directory with the checkpoint of one finished epoch (copy it to change it)."""
@@ -589,6 +613,40 @@ def test_compat_shims_apply_only_with_the_mxnet_backend():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("threads, env, want", [
+    (None, None, "cores"), (3, None, "3"), (None, "5", "5"), (3, "5", "3")])
+def test_mxnet_is_imported_with_the_configured_threads(tmp_path, threads, env, want):
+    """``hardware.threads`` reaches MXNet's OpenMP through the environment of its import, null
+    meaning every physical core (MXNet's own default, half the logical CPUs, leaves a core idle
+    without hyper-threading) unless the user set ``OMP_NUM_THREADS``; the environment is
+    restored afterwards. A stand-in ``mxnet`` module records what it sees at import."""
+    fake = tmp_path / "mxnet"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os\nSEEN = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', "
+        "'MXNET_OMP_MAX_THREADS')}\n")
+    code = (
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "before = os.environ.get('OMP_NUM_THREADS')\n"
+        "from runners.mxnet_runner import _mxnet, physical_cores\n"
+        f"mx = _mxnet({threads!r})\n"
+        "print(json.dumps({'seen': mx.SEEN, 'cores': physical_cores(), 'cpus': os.cpu_count(),"
+        " 'restored': os.environ.get('OMP_NUM_THREADS') == before}))\n")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")}
+    if env is not None:
+        environ["OMP_NUM_THREADS"] = env
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 1 <= out["cores"] <= out["cpus"] and out["restored"]
+    want = str(out["cores"]) if want == "cores" else want
+    assert out["seen"]["OMP_NUM_THREADS"] == want
+    assert out["seen"]["MXNET_OMP_MAX_THREADS"] == (None if env and not threads else want)
 
 
 # --------------------------------------------------------------------------- end to end

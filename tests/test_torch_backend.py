@@ -91,14 +91,13 @@ def test_third_party_backend_registers_by_installing_a_package(tmp_path, monkeyp
     assert load_backend("mine").name == "mine"
 
 
-def test_auxiliary_classifiers_join_the_training_loss(monkeypatch):
+def test_auxiliary_classifiers_join_the_training_loss():
     from runners.torch_runner import Classifier
 
     spec = architectures.build_spec("inception_v1", num_classes=4, aux_logits=True)
     cfg = compose_cfg("arch=inception_v1")
     net = TorchBackend(cfg, ".").build(spec, 32)
-    clf = Classifier(net, cfg.optim, 1, channels_last=False)
-    monkeypatch.setattr(clf, "log", lambda *a, **k: None)  # no Trainer attached here
+    clf = Classifier(net, cfg.optim, 1, channels_last=False)  # no Trainer attached
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     net.train()
     torch.manual_seed(0)  # same dropout masks in both forward passes
@@ -110,20 +109,39 @@ def test_auxiliary_classifiers_join_the_training_loss(monkeypatch):
     assert torch.allclose(loss, expected) and loss > ce(main, y)
 
 
-def test_input_pipeline_follows_the_data_layers_epoch_order(backend):
-    from cnnzoo.data import Preprocess, epoch_order, load_digits
+@pytest.mark.parametrize("augment, workers", [(False, 0), (True, 0), (True, 2)],
+                         ids=["plain", "augmented", "augmented-2-workers"])
+def test_input_pipeline_yields_the_data_layers_batches(tmp_path, augment, workers):
+    """Every batch of an epoch equals ``split.take`` of the next ``batch_size`` positions of
+    ``epoch_order``, with that epoch's augmentation (also from worker processes, which never
+    see set_epoch), the last batch short; without shuffling, the split's own order."""
+    from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits
 
-    train, _ = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=3)
+    bs, seed = 24, 3
+    backend = TorchBackend(compose_cfg("hardware=cpu", f"data.batch_size={bs}", f"seed={seed}",
+                                       f"backend.num_workers={workers}"), tmp_path)
+    pre = Preprocess(32, 1, (0.5,), (0.5,), augment=Augment(4 * augment, augment))
+    train, val = load_digits().split(pre, 0.9, seed=seed)  # 180 images: 8 batches, 12 in the last
+    assert train.augments == augment and len(train) % bs
     loader = backend.input_pipeline(train, shuffle=True)
-    bs = backend.cfg.data.batch_size
-    for epoch in (0, 1):
+    assert len(loader) == -(-len(train) // bs)
+    for epoch in (0, 1, 2):
         loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
-        x, y = next(iter(loader))
-        want_x, want_y = train.take(epoch_order(len(train), backend.cfg.seed, epoch)[:bs])
-        np.testing.assert_array_equal(x.numpy(), want_x)
+        order = epoch_order(len(train), seed, epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for k, (x, y) in enumerate(batches):
+            want_x, want_y = train.take(order[k * bs:(k + 1) * bs], epoch)
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert x.numpy().tobytes() == want_x.tobytes(), (epoch, k)
+            np.testing.assert_array_equal(y.numpy(), want_y)
+    if augment:  # the epochs' images differ: the augmentation follows the epoch
+        assert not np.array_equal(train.take(order[:bs], 1)[0], train.take(order[:bs], 2)[0])
+    plain = backend.input_pipeline(val, shuffle=False)
+    for k, (x, y) in enumerate(plain):
+        want_x, want_y = val.batch(k * bs, (k + 1) * bs)
+        assert x.numpy().tobytes() == want_x.tobytes()
         np.testing.assert_array_equal(y.numpy(), want_y)
-    x, _ = next(iter(backend.input_pipeline(train, shuffle=False)))
-    np.testing.assert_array_equal(x.numpy(), train.batch(0, bs)[0])
 
 
 # LeNet-5 with dropout, SGD momentum and a cosine schedule on 160 digits: a resume matches only
@@ -182,6 +200,44 @@ def test_epoch_folders_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch
     # a checkpoint at max_epochs: nothing left to train, the weights are the checkpoint's
     again, model, done = _train(run, 2, CheckpointDir(run).latest(), *options)
     assert done.history == [] and weights_sha256(again.get_weights(model)) == straight
+
+
+def test_epoch_metrics_are_means_per_image_and_go_to_tensorboard(tmp_path):
+    """train_loss/acc and val_loss/acc are means over the epoch's images (short last batches
+    weigh by their size), summed on the device and read once per epoch; TensorBoard gets the
+    metrics.csv columns once per epoch, step = epoch."""
+    # lr 0 and no dropout: every step sees the same weights, so an epoch's means are those of
+    # one pass over the split in eval mode
+    backend, model, report = _train(tmp_path, 2, None, "optim.lr=0", "arch.options.dropout=0",
+                                    "data.batch_size=24")  # 160 and 40 images: short batches
+    c = backend.cfg
+    from cnnzoo.tasks import prepare
+
+    exp = prepare(c)
+    net = model.cpu().float().eval()
+    for stage, split in (("train", exp.train_split), ("val", exp.val_split)):
+        x, y = split.take(np.arange(len(split)))
+        with torch.no_grad():
+            logits = net(torch.from_numpy(x))
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))
+        acc = float((logits.argmax(1).numpy() == y).mean())
+        for row in report.history:
+            assert row[f"{stage}_loss"] == pytest.approx(loss, rel=1e-5), stage
+            assert row[f"{stage}_acc"] == pytest.approx(acc, abs=1e-9), stage
+    assert not (tmp_path / "lightning_logs").exists()
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cnnzoo.rundir import MetricsLog
+    rows = MetricsLog(tmp_path / "metrics.csv").rows()
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert set(board.Tags()["scalars"]) == set(rows[0]) - {"epoch"}
+    for tag in board.Tags()["scalars"]:
+        events = board.Scalars(tag)
+        assert [e.step for e in events] == [1, 2]
+        assert [e.value for e in events] == pytest.approx([r[tag] for r in rows], rel=1e-5)
 
 
 def test_divergence_names_the_first_bad_step_and_writes_nothing(tmp_path):
