@@ -539,7 +539,8 @@ class MXNetBackend(Backend):
         sum stopped being finite or None, batches trained). That batch is counted on the
         devices too: the number of steps after which each context's running sum is still
         finite (NaN and Inf stay)."""
-        sums_block = sums_block or step_sums(bool(self.cfg.backend.get("hybridize", True)))
+        if sums_block is None:
+            sums_block = step_sums(bool(self.cfg.backend.get("hybridize", True)))
         mx = self.mx
         from mxnet import autograd, gluon
 
