@@ -141,7 +141,7 @@ def _data_file_rules(cfg: DictConfig):
     table = {}
     if cfg.data.get("name") in FILE_DATASETS:
         table["data.path"] = (lambda v: isinstance(v, str), lambda v: v.strip() != "",
-                              "the path of the dataset")
+                              f"the path of the {cfg.data.name} dataset")
     if cfg.data.get("name") == "image_folder":
         table.update({"data.cache": boolean, "data.verify": boolean,
                       "data.skip_bad_files": boolean})
