@@ -169,15 +169,20 @@ def handwritten(args: dict) -> list[Row]:
             rows.append(Row("training", HAND_DESCRIPTIONS[(args["backend"], layout)],
                             "throughput", "images/s", Stats.of(rates), **_common(args),
                             variant=layout, threads=threads or "default",
-                            warmup="1 epoch" if layout == PIPELINE
+                            warmup="1 epoch" if layout in (PIPELINE, FRAMEWORK_LOOP)
                             else f"{args['warmup_steps']} steps",
                             note=f"{args['steps']} steps per repetition"))
     return rows
 
 
 PIPELINE = "product input_pipeline"
+FRAMEWORK_LOOP = "framework loop"
 for _b in ("torch", "keras", "mxnet"):
     HAND_DESCRIPTIONS[(_b, PIPELINE)] = "diagnostic: hand-written step, product input_pipeline"
+HAND_DESCRIPTIONS[("torch", FRAMEWORK_LOOP)] = \
+    "diagnostic: minimal LightningModule, Trainer.fit, preloaded batches"
+HAND_DESCRIPTIONS[("keras", FRAMEWORK_LOOP)] = \
+    "diagnostic: model.fit with the loss only, preloaded batches"
 
 
 def _batches(items, steps: int):
@@ -231,6 +236,49 @@ def _torch_loop(build, x, y, args, product_epoch):
     if args.get("diagnose_pipeline"):  # NCHW, as the product's default
         step = trainer(build().train())
         yield PIPELINE, _timings(step, lambda _: None, None, args, product_epoch)
+        yield FRAMEWORK_LOOP, _lightning_epochs(build, xs, ys, args)
+
+
+def _lightning_epochs(build, xs, ys, args) -> list[float]:
+    """The least a Lightning loop costs: a module whose step is only the loss, Trainer.fit
+    with no logger, checkpoint, progress bar or validation, on the preloaded channels-last
+    batches (the product's default layout); one warm-up epoch, then one epoch per repetition."""
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
+
+    bs, steps = args["batch"], args["steps"]
+    xs = xs.contiguous(memory_format=torch.channels_last)
+    batches = _batches([(xs[i:i + bs], ys[i:i + bs]) for i in range(0, len(ys), bs)], steps)
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = build().to(memory_format=torch.channels_last)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM,
+                                   weight_decay=WEIGHT_DECAY)
+
+    class Clock(pl.Callback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, *_):
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, *_):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    clock = Clock()
+    trainer = pl.Trainer(max_epochs=1 + args["reps"], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
+    trainer.fit(Plain(), torch.utils.data.DataLoader(batches, batch_size=None))
+    return clock.seconds[1:]
 
 
 def _keras_loop(build, x, y, args, product_epoch):
@@ -261,6 +309,26 @@ def _keras_loop(build, x, y, args, product_epoch):
     yield "nhwc", _timings(step, sync, batches, args)
     if args.get("diagnose_pipeline"):
         yield PIPELINE, _timings(step, sync, None, args, product_epoch)
+        yield FRAMEWORK_LOOP, _keras_fit_epochs(build, xs, y, args)
+
+
+def _keras_fit_epochs(build, xs, y, args) -> list[float]:
+    """The least Keras' fit loop costs: compile with the loss only (no metrics), fit on the
+    preloaded batches as a tensor dataset, no callbacks but the clock; one warm-up epoch,
+    then one epoch per repetition."""
+    from runners.keras_model import keras, tf
+
+    model, bs, steps = build(), args["batch"], args["steps"]
+    data = tf.data.Dataset.from_tensor_slices((xs, y)).batch(bs).repeat()
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM), jit_compile=False,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clock = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda *_: timer.append(-time.perf_counter()),
+        on_epoch_end=lambda *_: timer.append(timer.pop() + time.perf_counter()))
+    timer: list[float] = []
+    model.fit(data, epochs=1 + args["reps"], steps_per_epoch=steps, callbacks=[clock],
+              verbose=0)
+    return timer[1:]
 
 
 def _mxnet_loop(build, x, y, args, product_epoch):

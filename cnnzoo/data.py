@@ -61,6 +61,12 @@ def _store(images):
     return images if hasattr(images, "get") else ArrayStore(images)
 
 
+# kept images are resized in these fixed groups of the split's positions, whichever batch
+# first asks: resize_batch's results can differ in the last bit with the batch it runs on, and
+# a resumed run (which first asks in another order) must see the same values
+KEEP_BLOCK = 256
+
+
 class Split:
     """A map-style dataset: ``split[i]`` is (preprocessed image, label), ``split.take(indices)``
     a batch. Torch's DataLoader and any other loader can index it directly.
@@ -68,7 +74,11 @@ class Split:
     ``index`` maps the split's positions to the images' positions in their source (the split
     holds no copy of the images). A training split has ``augment_seed`` (the run's seed): its
     augmentation, if the Preprocess has one, is drawn from (seed, epoch, source position), so a
-    key may be ``i`` (epoch 0) or ``(i, epoch)``."""
+    key may be ``i`` (epoch 0) or ``(i, epoch)``.
+
+    ``keep_in_memory`` makes it keep each image once resized (what ``Preprocess.resized``
+    returns, the same every epoch): from the second time an image is taken, only a copy,
+    its augmentation and the normalisation remain, as in a loop over preprocessed tensors."""
 
     def __init__(self, images, labels, preprocess: Preprocess, index=None,
                  augment_seed: int | None = None):
@@ -77,6 +87,26 @@ class Split:
         self.index = (np.arange(len(self.labels)) if index is None
                       else np.asarray(index, np.int64))
         self.augment_seed = augment_seed
+        self._kept: tuple[np.ndarray, np.ndarray] | None = None  # (resized images, filled)
+
+    def keep_in_memory(self, max_bytes: int) -> int:
+        """Keep this split's resized images in memory, filled as they are first taken, if
+        all of them fit in ``max_bytes``; return the bytes they take (0: not kept)."""
+        p = self.preprocess
+        need = len(self) * p.channels * p.size * p.size * 4
+        if not 0 < need <= max_bytes:
+            return 0
+        # np.empty maps pages only as they are written: memory grows with the images taken
+        self._kept = (np.empty((len(self), p.channels, p.size, p.size), np.float32),
+                      np.zeros(-(-len(self) // KEEP_BLOCK), bool))
+        return need
+
+    def fill_memory(self, batch: int = 1024) -> None:
+        """Resize every image into the kept memory now (before forking loader workers, which
+        then share it instead of each filling a copy of their own)."""
+        if self._kept is not None:
+            for start in range(0, len(self), batch):
+                self._resized(np.arange(start, min(start + batch, len(self))))
 
     @property
     def augments(self) -> bool:
@@ -101,10 +131,21 @@ class Split:
         """A batch: preprocessed images (N, C, H, W) float32 and their int64 labels.
         ``epoch`` (one, or one per image) only matters for an augmented training split."""
         indices = np.asarray(indices, np.int64)
-        positions = self.index[indices]
-        keys = positions if self.augments else None
-        x = self.preprocess.batch(self.source.get(positions), self.augment_seed or 0, epoch, keys)
+        keys = self.index[indices] if self.augments else None
+        x = self.preprocess.finish(self._resized(indices), self.augment_seed or 0, epoch, keys)
         return x, self.labels[indices]
+
+    def _resized(self, indices: np.ndarray) -> np.ndarray:
+        """The resized images at ``indices`` (a copy: ``finish`` works in place)."""
+        if self._kept is None:
+            return self.preprocess.resized(self.source.get(self.index[indices]))
+        kept, filled = self._kept
+        for block in np.unique(indices // KEEP_BLOCK):
+            if not filled[block]:
+                rows = np.arange(block * KEEP_BLOCK, min((block + 1) * KEEP_BLOCK, len(self)))
+                kept[rows] = self.preprocess.resized(self.source.get(self.index[rows]))
+                filled[block] = True
+        return kept[indices]
 
     def batch(self, start: int, stop: int, epoch=0) -> tuple[np.ndarray, np.ndarray]:
         return self.take(np.arange(start, min(stop, len(self))), epoch)

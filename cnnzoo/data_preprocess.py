@@ -107,6 +107,11 @@ class Preprocess:
         ``images`` is an (N, H, W, C) array or a list of (H, W, C) arrays of any sizes.
         ``keys`` (the images' indices in their dataset) turn on augmentation, which only the
         training split passes."""
+        return self.finish(self.resized(images), seed, epoch, keys)
+
+    def resized(self, images) -> np.ndarray:
+        """Steps 1-3: raw images -> (N, channels, size, size) float32 in [0, 1]. The same
+        for every epoch, so a split may keep them (``Split.keep_in_memory``)."""
         out = np.empty((len(images), self.channels, self.size, self.size), np.float32)
         if isinstance(images, np.ndarray):
             groups = [(slice(None), images)] if len(images) else []
@@ -117,11 +122,16 @@ class Preprocess:
             groups = [(ix, np.stack([images[i] for i in ix])) for ix in by_shape.values()]
         for where, raw in groups:
             out[where] = self._resize_and_adapt(raw)
-        if keys is not None and self.augment.enabled:
-            self.augment(out, seed, epoch, keys)
-        out -= np.asarray(self.mean, np.float32)[:, None, None]
-        out /= np.asarray(self.std, np.float32)[:, None, None]
         return out
+
+    def finish(self, x: np.ndarray, seed: int = 0, epoch=0, keys=None) -> np.ndarray:
+        """Steps 4-5, in place on ``resized`` output: augmentation (when ``keys`` are given)
+        and normalisation."""
+        if keys is not None and self.augment.enabled:
+            self.augment(x, seed, epoch, keys)
+        x -= np.asarray(self.mean, np.float32)[:, None, None]
+        x /= np.asarray(self.std, np.float32)[:, None, None]
+        return x
 
     def _resize_and_adapt(self, raw: np.ndarray) -> np.ndarray:
         """(n, H, W, C) raw, one dtype -> (n, channels, size, size) in [0, 1] (steps 1-3)."""

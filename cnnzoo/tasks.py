@@ -160,6 +160,9 @@ def prepare(cfg: DictConfig) -> Experiment:
                             cfg.data.interpolation, Augment(**cfg.data.get("augment", {})))
     train_split, val_split = dataset.split(preprocess, cfg.data.val_fraction, cfg.seed,
                                            cfg.data.limit)
+    budget = cfg.data.get("in_memory_mb", 0) << 20
+    for split in (train_split, val_split):  # training first: it is read every epoch
+        budget -= split.keep_in_memory(budget)
     return Experiment(dataset, spec, spec.analyze(cfg.arch.input_size), preprocess, train_split,
                       val_split)
 

@@ -33,8 +33,9 @@ BACKEND_OPTIONS = {
                               lambda v: v >= 0, "an integer >= 0")},
     "keras": {"jit_compile": (lambda v: v in ("auto", True, False), lambda v: True,
                               "auto, true or false"),
-              "steps_per_execution": (lambda v: isinstance(v, int) and not isinstance(v, bool),
-                                      lambda v: v > 0, "a positive integer"),
+              "steps_per_execution": (lambda v: v == "auto" or isinstance(v, int)
+                                      and not isinstance(v, bool),
+                                      lambda v: v == "auto" or v > 0, "auto or a positive integer"),
               "onnx_lift_min_size": (lambda v: v is None or isinstance(v, int)
                                      and not isinstance(v, bool), lambda v: v is None or v > 0,
                                      "a positive integer or null")},
@@ -89,6 +90,7 @@ def _rules(cfg: DictConfig):
         "data.batch_size": pos_int,
         "data.val_fraction": fraction,
         "data.limit": optional(pos_int),
+        "data.in_memory_mb": nonneg_int,
         "data.interpolation": one_of(INTERPOLATIONS),
         "optim.name": one_of(OPTIMIZERS),
         "optim.lr": pos_num,
@@ -274,6 +276,8 @@ OTHER_CHECKS = (
      + "; ".join(f"{name}: " + ", ".join(f"{k} in {list(v)}" for k, v in limits.items())
                  for name, limits in BACKEND_LIMITS.items()), "always"),
     ("hardware.accelerator=gpu, hardware.devices", "no more GPUs than the framework sees",
+     "when the backend starts"),
+    ("backend.steps_per_execution", "auto or 1 when keras trains over several devices",
      "when the backend starts"),
     ("arch.num_classes", "at least the dataset's classes", "when the data loads"),
     ("data.path", "the format's files, readable and consistent (README, Bad data)",

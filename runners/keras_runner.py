@@ -552,8 +552,7 @@ class KerasBackend(Backend):
                 metrics=[[keras.metrics.SparseCategoricalAccuracy(name="acc"), ce()]]
                 + [[ce()] for _ in outputs[1:]],
                 jit_compile=c.backend.get("jit_compile", "auto"),
-                steps_per_execution=_divisor_at_most(c.backend.get("steps_per_execution", 1),
-                                                     steps))
+                steps_per_execution=_divisor_at_most(self._steps_per_execution(), steps))
         # keys beside the hardware config in results.json (none replaces one)
         extra = {"device": self.devices[0], "replica_devices": self.devices,
                  "replicas": self.strategy.num_replicas_in_sync,
@@ -584,6 +583,19 @@ class KerasBackend(Backend):
                            images_per_s=log.images / seconds,
                            checkpoint=log.saved or (resume.file(CHECKPOINT) if resume else None),
                            extra=extra)
+
+    def _steps_per_execution(self) -> int:
+        """``backend.steps_per_execution``: auto is 16 on one device and 1 over several, where
+        more fails inside Keras 3.15's distributed step ("You must feed a value for
+        placeholder tensor ..."), so a number above 1 is refused there."""
+        wanted = self.cfg.backend.get("steps_per_execution", "auto")
+        if len(self.devices) == 1:
+            return 16 if wanted == "auto" else wanted
+        if wanted not in ("auto", 1):
+            raise ConfigError(f"backend.steps_per_execution={wanted} does not work when keras "
+                              f"trains over {len(self.devices)} devices (tf.distribute): use "
+                              "auto or 1")
+        return 1
 
     def _restore(self, model, path: Path) -> None:
         """Weights and optimizer state (moments, step count) from a checkpoint into the

@@ -367,6 +367,8 @@ class TorchBackend(Backend):
         ``batch_size=None``), the same batches in the same order as ``split.take`` of
         ``epoch_order``; ``loader.sampler.set_epoch`` picks the epoch."""
         workers = self.cfg.backend.num_workers
+        if workers > 0:  # workers fork from here: they share the kept images, never copy them
+            split.fill_memory()
         # a generator of its own: starting an iterator draws a seed, which from the global
         # generator (dropout's) would shift its numbers differently in a resumed run
         return torch.utils.data.DataLoader(

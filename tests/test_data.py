@@ -123,3 +123,65 @@ def test_metadata_records_the_whole_contract():
     assert meta["mean"] == [0.5] * 3 and "255" in meta["scale"] and meta["channels"] == 3
     assert meta["augment"]["random_crop_padding"] == 4 and meta["augment"]["horizontal_flip"]
     assert "training split only" in meta["augment"]["applies_to"]
+
+
+class _CountingStore:
+    """An image store that counts the images read from it."""
+
+    def __init__(self, images):
+        self.images, self.read = images, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def channels(self):
+        return {self.images.shape[-1]}
+
+    def get(self, positions):
+        self.read += len(positions)
+        return self.images[positions]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_kept_split_gives_the_same_batches_and_reads_each_image_once(augment):
+    """keep_in_memory only changes where resized images come from: the batches, epochs and
+    augmentation are those of the unkept split (to float32 rounding: a resize's last bit
+    depends on the batch it runs on) and bitwise independent of the order in which batches
+    first ask for them (a resumed run asks in another order); the source is read once."""
+    from cnnzoo.data import Augment, KEEP_BLOCK, Split, epoch_order
+
+    n = 2 * KEEP_BLOCK + 40  # two whole blocks and a partial one
+    images = make_synthetic(n, 3, 11, 3, seed=5).images  # 11x11 RGB -> 16x16 gray
+    pre = Preprocess(16, 1, (0.5,), (0.25,), "bicubic",
+                     Augment(2, True) if augment else Augment())
+    labels, index = np.arange(n) % 3, np.arange(n)[::-1].copy()
+    plain = Split(images, labels, pre, index, augment_seed=7)
+    kept, kept_late = (Split(_CountingStore(images), labels, pre, index, augment_seed=7)
+                       for _ in range(2))
+    for split in (kept, kept_late):
+        assert split.keep_in_memory(n * 16 * 16 * 4) == n * 16 * 16 * 4
+    kept_late.take(epoch_order(n, 7, 5)[:50], 5)  # first asked in another epoch's order
+    for epoch in range(3):
+        order = epoch_order(n, 7, epoch)
+        for b in range(0, n, 100):
+            x, y = kept.take(order[b:b + 100], epoch)
+            want_x, want_y = plain.take(order[b:b + 100], epoch)
+            np.testing.assert_allclose(x, want_x, rtol=1e-5, atol=1e-6)
+            assert np.array_equal(y, want_y)
+            assert np.array_equal(x, kept_late.take(order[b:b + 100], epoch)[0])
+    assert kept.source.read == n and kept_late.source.read == n
+    x[:] = 0  # a take is a copy: changing it leaves the kept images alone
+    assert not np.array_equal(kept.take(order[b:b + 100], 2)[0], x)
+
+
+def test_a_split_over_its_memory_budget_is_not_kept():
+    split, _ = make_synthetic(20, 2, 8, 1, seed=0).split(Preprocess(8, 1, (0.5,), (0.5,)), 0.5, 0)
+    assert split.keep_in_memory(10 * 8 * 8 * 4 - 1) == 0 and split.keep_in_memory(0) == 0
+    split.fill_memory()  # nothing kept: nothing to fill
+    assert split.keep_in_memory(10 * 8 * 8 * 4) == 10 * 8 * 8 * 4
+    split.source = _CountingStore(split.source.array)
+    split.fill_memory()
+    assert split.source.read == 10
+    split.take(np.arange(10))
+    assert split.source.read == 10

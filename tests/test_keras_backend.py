@@ -284,23 +284,29 @@ def test_train_step_uses_no_global_tf_seed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("options", [[], ["backend.jit_compile=true"]], ids=["graph", "xla"])
 def test_divergence_names_the_first_non_finite_step(tmp_path, monkeypatch, options):
     """The step comes from the compiled step's own record, read at the epoch's end; a per-batch
-    host read of Keras' running loss (installed here only, as a reference) finds the same."""
-    cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "optim.lr=1e4",
-                      "trainer.max_epochs=3", "data.batch_size=8", "trainer.progress_bar=false",
-                      *options)
-    running = []
-    monkeypatch.setattr(_EpochLog, "on_train_batch_end",
-                        lambda self, batch, logs=None: running.append(float(logs["loss"])))
-    b = KerasBackend(cfg, tmp_path)
+    host read of Keras' running loss (installed here only, as a reference, with one batch per
+    compiled call) finds the same, and so does the default of several batches per call."""
     train, val = make_synthetic(40, 5, 32, 3, seed=1).split(
         Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3), 0.2, seed=0)
-    with pytest.raises(TrainingDiverged) as err:
-        b.train(b.build(toy_spec(), 32), train, val)
-    step = next(i for i, v in enumerate(running) if not math.isfinite(v)) + 1
-    assert 1 < step <= 4
-    assert str(err.value) == (f"training diverged: train_loss is nan at step {step} (epoch 1, "
-                              f"batch {step} of 4); lower optim.lr")
-    assert CheckpointDir(tmp_path).latest() is None  # nothing saved for the bad epoch
+    messages = []
+    for per_call in ("backend.steps_per_execution=1", "backend.steps_per_execution=16"):
+        cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "optim.lr=1e4",
+                          "trainer.max_epochs=3", "data.batch_size=8",
+                          "trainer.progress_bar=false", per_call, *options)
+        running = []
+        monkeypatch.setattr(_EpochLog, "on_train_batch_end",
+                            lambda self, batch, logs=None: running.append(float(logs["loss"])))
+        (tmp_path / per_call).mkdir()
+        b = KerasBackend(cfg, tmp_path / per_call)
+        with pytest.raises(TrainingDiverged) as err:
+            b.train(b.build(toy_spec(), 32), train, val)
+        messages.append(str(err.value))
+        if len(messages) == 1:
+            step = next(i for i, v in enumerate(running) if not math.isfinite(v)) + 1
+            assert 1 < step <= 4
+        assert CheckpointDir(tmp_path / per_call).latest() is None  # nothing saved for it
+    assert messages == [f"training diverged: train_loss is nan at step {step} (epoch 1, batch "
+                        f"{step} of 4); lower optim.lr"] * 2
 
 
 @pytest.mark.parametrize("wanted, steps, used", [(1, 7, 1), (4, 45, 3), (8, 16, 8), (100, 5, 5)])
@@ -689,6 +695,15 @@ def test_two_cpu_devices_train_under_mirrored_strategy(cli, preset):
     assert "MirroredStrategy over 2 logical CPU devices" in r.stdout
     ddp_note = "hardware.strategy=ddp is a torch concept" in r.stdout
     assert ddp_note == ("hardware=ddp_cpu" in preset)
+
+
+@pytest.mark.slow
+def test_several_batches_per_call_over_devices_is_refused(cli):
+    r = cli("backend=keras", "hardware=cpu", "hardware.devices=2",
+            "backend.steps_per_execution=4", "trainer.max_epochs=1")
+    assert r.returncode == 2 and len(r.error_lines) == 1, r.stderr[-2000:]
+    assert r.error_lines[0] == ("error: backend.steps_per_execution=4 does not work when keras "
+                                "trains over 2 devices (tf.distribute): use auto or 1")
 
 
 @pytest.mark.slow

@@ -58,6 +58,8 @@ OTHER_TESTS = {
         "tests/test_config.py::test_backend_limits_are_refused_before_anything_loads",
     "hardware.accelerator=gpu, hardware.devices":
         "tests/test_keras_backend.py::test_missing_gpu_is_one_clear_error",
+    "backend.steps_per_execution":
+        "tests/test_keras_backend.py::test_several_batches_per_call_over_devices_is_refused",
     "arch.num_classes": "tests/test_datasets.py::test_bad_data_is_one_line_and_exit_code_2",
     "data.path": "tests/test_datasets.py::test_bad_data_is_one_line_and_exit_code_2",
     "resume": "tests/test_resume.py::test_changed_training_config_is_refused_naming_each_key",
