@@ -7,6 +7,7 @@ them (what each parallel trial gets): the parallel sweep cannot beat
 ``jobs * t(all threads) / t(share)``, whatever the launcher does. Usage:
 
     python bench/sweep_parallel.py [--trials 4] [--jobs 2] [--repeats 3] [--epochs 10]
+                                   [override ...]   (e.g. backend=mxnet, for every run)
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES: list[str] = []  # the command line's overrides, for every run
 
 
 def sweep(extra: list[str], trials: int, epochs: int) -> float:
     lrs = ",".join(f"{0.001 * (k + 1):g}" for k in range(trials))
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "run.py", "-m", f"optim.lr={lrs}", f"trainer.max_epochs={epochs}",
-               "trainer.progress_bar=false", f"hydra.sweep.dir={tmp}/sweep", *extra]
+               "trainer.progress_bar=false", f"hydra.sweep.dir={tmp}/sweep", *OVERRIDES, *extra]
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
@@ -38,7 +40,7 @@ def single(threads: int, epochs: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "run.py", f"trainer.max_epochs={epochs}",
                "trainer.progress_bar=false", f"hardware.threads={threads}",
-               f"hydra.run.dir={tmp}/run"]
+               f"hydra.run.dir={tmp}/run", *OVERRIDES]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         return json.loads((Path(tmp) / "run" / "results.json").read_text())["timings"]["total_s"]
@@ -50,7 +52,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("overrides", nargs="*", help="config overrides for every run")
     a = p.parse_args()
+    OVERRIDES[:] = a.overrides
     seq, par = [], []
     for _ in range(a.repeats):  # alternate, so both see the same machine conditions
         seq.append(sweep([], a.trials, a.epochs))
@@ -61,7 +65,8 @@ def main() -> None:
     alone = [single(cores, a.epochs) for _ in range(a.repeats)]
     shared = [single(share, a.epochs) for _ in range(a.repeats)]
     s, q = statistics.median(seq), statistics.median(par)
-    print(f"{a.trials} trials of LeNet-5 ({a.epochs} epochs, digits), {a.repeats} repeats")
+    print(f"{a.trials} trials of LeNet-5 ({a.epochs} epochs, digits"
+          f"{', ' + ' '.join(a.overrides) if a.overrides else ''}), {a.repeats} repeats")
     print(f"sequential (basic launcher): median {s:.1f} s  runs {[round(x, 1) for x in seq]}")
     print(f"joblib, {a.jobs} jobs:          median {q:.1f} s  runs {[round(x, 1) for x in par]}")
     print(f"speed-up: {s / q:.2f}x")
