@@ -118,11 +118,11 @@ class EpochBatches:
     sees the same batches; labels are float32, as MXNet's loss and accuracy take them.
     ``limit`` caps the number of batches.
 
-    Batches are cut from chunks of ``CHUNK_BYTES`` of images: one ``split.take`` per chunk,
-    wrapped as an NDArray without a copy (``from_numpy(zero_copy=True)``: the take is a fresh
-    array nobody else writes), and each batch is a slice of it (a view: no copy, no engine
-    call). The images of a take do not depend on how the batches are grouped. Not
-    ``mx.nd.array``: it copies synchronously in this thread, so one per batch makes Python wait
+    Batches are cut from chunks of ``CHUNK_BYTES`` of images, each batch its own
+    ``split.take`` (so exactly the images every backend gets: a resize's last bit can depend
+    on the batch it runs on) written into the chunk. A chunk becomes an NDArray without a copy
+    (``from_numpy(zero_copy=True)``: a fresh array nobody else writes) and each batch is a
+    slice of it (a view: no copy, no engine call). Not ``mx.nd.array``: it copies synchronously in this thread, so one per batch makes Python wait
     for the engine every step, and a copy of 200,000 elements or more runs an OpenMP team in
     this thread, after which LeNet-5 steps at 2 threads ran 2.5x slower for the rest of the
     process (measured with MXNet 1.9.1)."""
@@ -147,10 +147,13 @@ class EpochBatches:
         p = self.split.preprocess
         per_chunk = bs * max(1, CHUNK_BYTES // (bs * p.channels * p.size * p.size * 4))
         for first in range(0, len(order), per_chunk):
-            x, y = self.split.take(order[first:first + per_chunk], self.epoch)
-            x = mx.nd.from_numpy(np.ascontiguousarray(x, np.float32), zero_copy=True)
-            y = mx.nd.from_numpy(y.astype(np.float32), zero_copy=True)
-            for b in range(0, len(y), bs):
+            part = order[first:first + per_chunk]
+            x = np.empty((len(part), p.channels, p.size, p.size), np.float32)
+            y = np.empty(len(part), np.float32)
+            for b in range(0, len(part), bs):
+                x[b:b + bs], y[b:b + bs] = self.split.take(part[b:b + bs], self.epoch)
+            x, y = mx.nd.from_numpy(x, zero_copy=True), mx.nd.from_numpy(y, zero_copy=True)
+            for b in range(0, len(part), bs):
                 yield x[b:b + bs], y[b:b + bs]
 
 
