@@ -183,6 +183,7 @@ HAND_DESCRIPTIONS[("torch", FRAMEWORK_LOOP)] = \
     "diagnostic: minimal LightningModule, Trainer.fit, preloaded batches"
 HAND_DESCRIPTIONS[("keras", FRAMEWORK_LOOP)] = \
     "diagnostic: model.fit with the loss only, preloaded batches"
+KERAS_STEPS_PER_CALL = 16  # backend.steps_per_execution=auto on one device
 
 
 def _batches(items, steps: int):
@@ -313,22 +314,34 @@ def _keras_loop(build, x, y, args, product_epoch):
 
 
 def _keras_fit_epochs(build, xs, y, args) -> list[float]:
-    """The least Keras' fit loop costs: compile with the loss only (no metrics), fit on the
-    preloaded batches as a tensor dataset, no callbacks but the clock; one warm-up epoch,
+    """The least Keras' fit loop costs: compile with the loss only (no metrics), as many
+    batches per compiled call as the product's default (``KERAS_STEPS_PER_CALL``), fit on
+    the preloaded batches as a tensor dataset, no callback but the clock; one warm-up epoch,
     then one epoch per repetition."""
     from runners.keras_model import keras, tf
+    from runners.keras_runner import _divisor_at_most
 
     model, bs, steps = build(), args["batch"], args["steps"]
     data = tf.data.Dataset.from_tensor_slices((xs, y)).batch(bs).repeat()
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM), jit_compile=False,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    clock = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda *_: timer.append(-time.perf_counter()),
-        on_epoch_end=lambda *_: timer.append(timer.pop() + time.perf_counter()))
-    timer: list[float] = []
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=_divisor_at_most(KERAS_STEPS_PER_CALL, steps))
+
+    class Clock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    clock = Clock()
     model.fit(data, epochs=1 + args["reps"], steps_per_epoch=steps, callbacks=[clock],
               verbose=0)
-    return timer[1:]
+    return clock.seconds[1:]
 
 
 def _mxnet_loop(build, x, y, args, product_epoch):
