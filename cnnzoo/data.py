@@ -24,8 +24,8 @@ from PIL import Image
 from .data_errors import DataError
 from .data_preprocess import Augment, Preprocess
 
-__all__ = ["Augment", "DataError", "Dataset", "Preprocess", "Split", "epoch_order",
-           "load_dataset", "load_digits", "make_synthetic", "FILE_FORMATS"]
+__all__ = ["Augment", "DataError", "Dataset", "Preprocess", "Split", "epoch_chunks",
+           "epoch_order", "load_dataset", "load_digits", "make_synthetic", "FILE_FORMATS"]
 
 # data.name -> what data.path must point at
 FILE_FORMATS = {
@@ -93,7 +93,7 @@ class Split:
         """Keep this split's resized images in memory, filled as they are first taken, if
         all of them fit in ``max_bytes``; return the bytes they take (0: not kept)."""
         p = self.preprocess
-        need = len(self) * p.channels * p.size * p.size * 4
+        need = len(self) * p.image_bytes
         if not 0 < need <= max_bytes:
             return 0
         # np.empty maps pages only as they are written: memory grows with the images taken
@@ -161,6 +161,29 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_chunks(split: Split, batch_size: int, seed: int, epoch: int, shuffle: bool,
+                 batches: int, chunk_bytes: int):
+    """The first ``batches`` batches of ``epoch`` (in ``epoch_order``) as (images, labels)
+    arrays of several whole batches each, about ``chunk_bytes`` of images, (n, C, H, W)
+    float32 and (n,) int64; the epoch's smaller last batch comes alone. Each batch is its own
+    ``split.take``, so a backend that cuts the chunks into batches gets exactly the images
+    every backend gets (a resize's last bit can depend on the batch it runs on); a backend
+    makes one tensor per chunk instead of one per batch."""
+    p = split.preprocess
+    order = epoch_order(len(split), seed, epoch, shuffle)[:batches * batch_size]
+    whole = len(order) // batch_size * batch_size
+    per_chunk = batch_size * max(1, chunk_bytes // (batch_size * p.image_bytes))
+    for first in range(0, whole, per_chunk):
+        part = order[first:min(first + per_chunk, whole)]
+        x = np.empty((len(part), p.channels, p.size, p.size), np.float32)
+        y = np.empty(len(part), np.int64)
+        for b in range(0, len(part), batch_size):
+            x[b:b + batch_size], y[b:b + batch_size] = split.take(part[b:b + batch_size], epoch)
+        yield x, y
+    if whole < len(order):
+        yield split.take(order[whole:], epoch)
 
 
 def _check_labels(name: str, part: str, images, labels, classes: list[str]) -> np.ndarray:

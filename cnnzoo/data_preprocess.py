@@ -97,6 +97,11 @@ class Preprocess:
     interpolation: str = "bilinear"
     augment: Augment = field(default_factory=Augment)
 
+    @property
+    def image_bytes(self) -> int:
+        """The bytes of one preprocessed image (float32, channels x size x size)."""
+        return self.channels * self.size * self.size * 4
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """One raw (H, W, C) image -> normalised (channels, size, size) float32."""
         return self.batch([image])[0]

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
-from cnnzoo.data import epoch_order
+from cnnzoo.data import epoch_chunks
 from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
 from cnnzoo.tensorboard import ScalarWriter
@@ -462,13 +462,11 @@ class KerasBackend(Backend):
         ``steps_per_epoch`` = batches per epoch, so epoch e consumes exactly epoch e's
         batches, also when resumed.
 
-        The Python generator yields chunks of many whole batches (``CHUNK_BYTES`` of images),
+        The Python generator yields the data layer's ``epoch_chunks`` of many whole batches
+        (``CHUNK_BYTES`` of images; each batch still its own ``split.take``), in NHWC and
         shaped (batches, batch, H, W, C), and ``unbatch`` cuts them into batches in C++: each
         call of a ``from_generator`` generator costs far more than preparing a LeNet-5 batch.
-        Each batch is still its own ``split.take`` (so exactly that batch's images and
-        augmentation, computed as every backend computes them; batch-sized takes also stay in
-        the CPU caches), transposed straight into the chunk. An epoch's last, smaller batch is
-        a chunk of its own, so no batch mixes two epochs. The next chunk is prepared while the
+        An epoch's last, smaller batch is a chunk of its own, so no batch mixes two epochs. The next chunk is prepared while the
         current one trains (``prefetch``). A split whose batches are the same every epoch
         (unshuffled, not augmented: validation) of at most ``IN_MEMORY_BYTES`` is prepared
         the same way once and held in memory: Keras starts a new iterator for every
@@ -477,25 +475,13 @@ class KerasBackend(Backend):
         per_epoch = math.ceil(len(split) / bs)
         per_epoch = per_epoch if limit is None else min(per_epoch, limit)
         c, size = split.preprocess.channels, split.preprocess.size
-        image_bytes = c * size * size * 4
 
-        def epoch_chunks(epoch: int, chunk: int):
-            """Epoch ``epoch``'s batches as (images, labels) arrays of ``chunk`` (or fewer)
-            whole batches, (n, batch, H, W, C) and (n, batch), then the smaller last batch
-            alone, (1, rest, H, W, C)."""
-            order = epoch_order(len(split), seed, epoch, shuffle)[:per_epoch * bs]
-            whole = len(order) // bs
-            for first in range(0, whole, chunk):
-                n = min(chunk, whole - first)
-                x = np.empty((n, bs, size, size, c), np.float32)
-                y = np.empty((n, bs), np.int64)
-                for i, b in enumerate(range(first * bs, (first + n) * bs, bs)):
-                    images, y[i] = split.take(order[b:b + bs], epoch)
-                    x[i] = images.transpose(0, 2, 3, 1)  # to_nhwc, into the chunk
-                yield x, y
-            if len(order) > whole * bs:
-                images, labels = split.take(order[whole * bs:], epoch)
-                yield to_nhwc(images)[None], labels[None]
+        def nhwc_chunks(epoch: int, chunk_bytes: int):
+            """``epoch_chunks`` as (batches, batch, H, W, C) images and (batches, batch)
+            labels; the epoch's smaller last batch comes alone, (1, rest, H, W, C)."""
+            for x, y in epoch_chunks(split, bs, seed, epoch, shuffle, per_epoch, chunk_bytes):
+                n = bs if len(y) % bs == 0 else len(y)
+                yield to_nhwc(x).reshape(-1, n, size, size, c), y.reshape(-1, n)
 
         options = tf.data.Options()
         options.deterministic = True
@@ -503,18 +489,17 @@ class KerasBackend(Backend):
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF)
         if (not shuffle and not split.augments and epochs > start and per_epoch > 0
-                and min(len(split), per_epoch * bs) * image_bytes <= IN_MEMORY_BYTES):
+                and min(len(split), per_epoch * bs) * split.preprocess.image_bytes
+                <= IN_MEMORY_BYTES):
             # the same batches every epoch (validation): prepared once, held in memory
             parts = [tf.data.Dataset.from_tensor_slices(part)
-                     for part in epoch_chunks(start, max(1, per_epoch))]
+                     for part in nhwc_chunks(start, IN_MEMORY_BYTES)]
             ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
             ds = ds.repeat(epochs - start)
         else:
-            chunk = max(1, min(per_epoch, CHUNK_BYTES // (bs * image_bytes)))
-
             def chunks():
                 for epoch in range(start, epochs):
-                    yield from epoch_chunks(epoch, chunk)
+                    yield from nhwc_chunks(epoch, CHUNK_BYTES)
 
             ds = tf.data.Dataset.from_generator(chunks, output_signature=(
                 tf.TensorSpec((None, None, size, size, c), tf.float32),

@@ -47,7 +47,7 @@ import numpy as np
 
 from cnnzoo.checkpoints import CheckpointDir, CheckpointError, seed_python_numpy
 from cnnzoo.compat import patch_mxnet
-from cnnzoo.data import epoch_order
+from cnnzoo.data import epoch_chunks
 from cnnzoo.progress import EpochProgress
 from cnnzoo.rundir import MetricsLog
 from cnnzoo.tensorboard import ScalarWriter
@@ -118,14 +118,13 @@ class EpochBatches:
     sees the same batches; labels are float32, as MXNet's loss and accuracy take them.
     ``limit`` caps the number of batches.
 
-    Batches are cut from chunks of ``CHUNK_BYTES`` of images, each batch its own
-    ``split.take`` (so exactly the images every backend gets: a resize's last bit can depend
-    on the batch it runs on) written into the chunk. A chunk becomes an NDArray without a copy
-    (``from_numpy(zero_copy=True)``: a fresh array nobody else writes) and each batch is a
-    slice of it (a view: no copy, no engine call). Not ``mx.nd.array``: it copies synchronously in this thread, so one per batch makes Python wait
-    for the engine every step, and a copy of 200,000 elements or more runs an OpenMP team in
-    this thread, after which LeNet-5 steps at 2 threads ran 2.5x slower for the rest of the
-    process (measured with MXNet 1.9.1)."""
+    Batches are cut from ``cnnzoo.data.epoch_chunks`` of ``CHUNK_BYTES`` of images: each chunk
+    becomes an NDArray without a copy (``from_numpy(zero_copy=True)``: a fresh array nobody
+    else writes) and each batch is a slice of it (a view: no copy, no engine call). Not
+    ``mx.nd.array``: it copies synchronously in this thread, so one per batch makes Python
+    wait for the engine every step, and a copy of 200,000 elements or more runs an OpenMP team
+    in this thread, after which LeNet-5 steps at 2 threads ran 2.5x slower for the rest of
+    the process (measured with MXNet 1.9.1)."""
 
     def __init__(self, split, batch_size: int, seed: int, shuffle: bool, limit: int | None = None):
         self.split, self.batch_size, self.seed, self.shuffle = split, batch_size, seed, shuffle
@@ -142,18 +141,11 @@ class EpochBatches:
 
     def __iter__(self):
         mx, bs = _mxnet(), self.batch_size
-        order = epoch_order(len(self.split), self.seed, self.epoch, self.shuffle)
-        order = order[:self.num_batches * bs]
-        p = self.split.preprocess
-        per_chunk = bs * max(1, CHUNK_BYTES // (bs * p.channels * p.size * p.size * 4))
-        for first in range(0, len(order), per_chunk):
-            part = order[first:first + per_chunk]
-            x = np.empty((len(part), p.channels, p.size, p.size), np.float32)
-            y = np.empty(len(part), np.float32)
-            for b in range(0, len(part), bs):
-                x[b:b + bs], y[b:b + bs] = self.split.take(part[b:b + bs], self.epoch)
-            x, y = mx.nd.from_numpy(x, zero_copy=True), mx.nd.from_numpy(y, zero_copy=True)
-            for b in range(0, len(part), bs):
+        for x, y in epoch_chunks(self.split, bs, self.seed, self.epoch, self.shuffle,
+                                 self.num_batches, CHUNK_BYTES):
+            x = mx.nd.from_numpy(x, zero_copy=True)
+            y = mx.nd.from_numpy(y.astype(np.float32), zero_copy=True)
+            for b in range(0, len(y), bs):
                 yield x[b:b + bs], y[b:b + bs]
 
 

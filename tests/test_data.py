@@ -185,3 +185,19 @@ def test_a_split_over_its_memory_budget_is_not_kept():
     assert split.source.read == 10
     split.take(np.arange(10))
     assert split.source.read == 10
+
+
+def test_epoch_chunks_are_whole_batches_of_per_batch_takes():
+    from cnnzoo.data import epoch_chunks, epoch_order
+
+    split, _ = make_synthetic(90, 3, 8, 1, seed=2).split(Preprocess(8, 1, (0.5,), (0.5,)), 0.1, 0)
+    assert len(split) == 81  # 10 batches of 8 and one of 1
+    chunk_bytes = 3 * 8 * split.preprocess.image_bytes  # three batches
+    chunks = list(epoch_chunks(split, 8, 4, 1, True, 11, chunk_bytes))
+    assert [len(y) for _, y in chunks] == [24, 24, 24, 8, 1]  # the last batch alone
+    x, y = (np.concatenate(part) for part in zip(*chunks))
+    order = epoch_order(81, 4, 1)
+    for b in range(0, 81, 8):
+        want_x, want_y = split.take(order[b:b + 8], 1)
+        assert np.array_equal(x[b:b + 8], want_x) and np.array_equal(y[b:b + 8], want_y)
+    assert sum(len(y) for _, y in epoch_chunks(split, 8, 4, 1, True, 3, 1)) == 24  # 3 batches
