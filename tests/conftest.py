@@ -56,6 +56,13 @@ def run_cli(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None
     return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir)
 
 
+def run_python(code: str, timeout: int = 300, env: dict | None = None):
+    """``python -c <code>`` in a fresh process from the repo root (for what must not share this
+    process's imports or settings); the CompletedProcess, with text output."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 @pytest.fixture
 def cli(tmp_path):
     return lambda *overrides, **kw: run_cli(tmp_path / "run", *overrides, **kw)

@@ -7,8 +7,6 @@ import gc
 import json
 import math
 import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -24,7 +22,7 @@ from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder
 from cnnzoo.checkpoints import CheckpointDir, CheckpointError
 from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic
 from cnnzoo.validate import ConfigError
-from conftest import ROOT, compose_cfg, run_cli, toy_spec
+from conftest import compose_cfg, run_cli, run_python, toy_spec
 from export import export_and_verify
 from runners import available_backends, load_backend
 from runners.base import TrainingDiverged
@@ -338,8 +336,7 @@ def test_generator_threads_reuse_freed_pages(tmp_path):
         "    yield 0\n"
         "list(tf.data.Dataset.from_generator(gen, output_signature=tf.TensorSpec((), tf.int32)))\n"
         "print(faults[0])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.split()[-1]) < 8  # untuned (glibc 2.36): 33, a fresh 128 KiB
 

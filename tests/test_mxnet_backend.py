@@ -9,8 +9,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -33,7 +31,7 @@ from cnnzoo.checkpoints import CheckpointDir, CheckpointError  # noqa: E402
 from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic  # noqa: E402
 from cnnzoo.tasks import summary  # noqa: E402
 from cnnzoo.validate import ConfigError  # noqa: E402
-from conftest import ROOT, compose_cfg, toy_spec  # noqa: E402
+from conftest import compose_cfg, run_python, toy_spec  # noqa: E402
 from runners import available_backends, load_backend  # noqa: E402
 from runners.base import TrainingDiverged  # noqa: E402
 from runners.mxnet_model import SpecGraph, key  # noqa: E402
@@ -610,8 +608,7 @@ def test_compat_shims_apply_only_with_the_mxnet_backend():
         "assert tables[1][onnx.TensorProto.INT64] == numpy.dtype('int64')\n"
         "import mxnet, mxnet.onnx\n"
         "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_python(code, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
@@ -639,8 +636,7 @@ def test_mxnet_is_imported_with_the_configured_threads(tmp_path, threads, env, w
                if k not in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")}
     if env is not None:
         environ["OMP_NUM_THREADS"] = env
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=environ)
+    proc = run_python(code, timeout=120, env=environ)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 1 <= out["cores"] <= out["cpus"] and out["restored"]

@@ -3,7 +3,7 @@ import pytest
 
 from architectures import ShapeError, build_spec
 from architectures.spec import INPUT, AvgPool, Conv2d, GraphBuilder, MaxPool, output_shape, pair
-from conftest import toy_spec
+from conftest import run_python, toy_spec
 
 
 def test_lenet5_layers_and_counts():
@@ -118,11 +118,10 @@ def test_unknown_architecture_lists_choices():
 
 
 def test_spec_imports_no_framework():
-    import subprocess
-    import sys
     code = ("import sys, architectures; architectures.build_spec('vgg16').analyze(); "
             "print(sorted(m for m in ('numpy', 'torch', 'tensorflow', 'mxnet') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 
 
