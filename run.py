@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    from cnnzoo.tasks import run_task  # imported here so --help and --cfg stay instant
+    from cnnzoo.app.tasks import run_task  # imported here so --help and --cfg stay instant
 
     return run_task(cfg, HydraConfig.get())
 

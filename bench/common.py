@@ -183,7 +183,7 @@ def package_version(names) -> str:
 
 def fingerprint() -> dict:
     """The machine and software every row was measured on (flat, for CSV columns)."""
-    from cnnzoo.rundir import git_info
+    from cnnzoo.core.rundir import git_info
     git = git_info(ROOT) or {}
     fp = {"cpu": cpu_model(), "physical_cores": physical_cores(),
           "logical_cpus": os.cpu_count() or 1, "gpu": gpu_name(),
@@ -209,7 +209,7 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from cnnzoo.validate import validate
+    from cnnzoo.app.validate import validate
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))

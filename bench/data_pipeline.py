@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.pipeline import BATCH, SIZE, data_cfg, epoch_seconds, loader_seconds, write_all
-from cnnzoo.data import Preprocess, load_dataset
+from cnnzoo.core.data import Preprocess, load_dataset
 
 SEED = 42
 

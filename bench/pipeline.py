@@ -101,7 +101,7 @@ def epoch_seconds(split, repeat: int, warmup: int = 0) -> list[float]:
 
 
 def epoch_order_of(n: int, epoch: int):
-    from cnnzoo.data import epoch_order
+    from cnnzoo.core.data import epoch_order
     return epoch_order(n, SEED, epoch)
 
 
@@ -109,7 +109,7 @@ def loader_seconds(split, repeat: int, warmup: int = 0) -> list[float]:
     """The same through the torch backend's DataLoader (what its training loop iterates)."""
     from omegaconf import OmegaConf
 
-    from runners.torch_runner import TorchBackend
+    from runners.torch.backend import TorchBackend
     cfg = OmegaConf.create({"seed": SEED, "data": {"batch_size": BATCH},
                             "backend": {"num_workers": 0}, "hardware": {"threads": None}})
     loader = TorchBackend(cfg, ".").input_pipeline(split, shuffle=True)
@@ -125,7 +125,7 @@ def loader_seconds(split, repeat: int, warmup: int = 0) -> list[float]:
 
 def formats(args: dict) -> list[Row]:
     """Every file format at ``args["images"]`` images: Split.take and torch DataLoader rates."""
-    from cnnzoo.data import Preprocess, load_dataset
+    from cnnzoo.core.data import Preprocess, load_dataset
     pre = Preprocess(SIZE, 1, (0.5,), (0.5,), "bilinear")
     reps, warmup, only = args["reps"], args.get("warmup", 1), args.get("formats")
     rows = []
@@ -160,8 +160,8 @@ def backend_pipeline(args: dict) -> list[Row]:
     """One epoch of ``backend.input_pipeline`` on the training benchmark's LeNet-5 split."""
     from bench.common import compose
     from bench.training import config_overrides
-    from cnnzoo.tasks import prepare
-    from runners import load_backend
+    from cnnzoo.app.experiment import prepare
+    from cnnzoo.core.backend import load_backend
 
     name, reps, warmup = args["backend"], args["reps"], args.get("warmup", 1)
     cfg = compose(*config_overrides(args["arch"], name, args["batch"], args["input_size"],

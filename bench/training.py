@@ -4,11 +4,11 @@ synthetic images.
 
 - **Product**: the config is composed with Hydra's compose API (as ``run.py`` would compose
   it: ``data=synthetic``, ``optim=sgd`` at a constant rate, ``hardware=cpu``, export off, plus
-  the variant's overrides), then ``cnnzoo.tasks.prepare`` / ``build_model`` and
+  the variant's overrides), then ``cnnzoo.app.tasks.prepare`` / ``build_model`` and
   ``backend.train(model, train, val)`` run exactly as in ``python run.py``. One epoch is
   ``steps`` batches (the synthetic training split holds ``steps x batch`` images; validation is
   one image). Each backend prints one line per finished epoch when its output is not a
-  terminal (``cnnzoo.progress``); the benchmark timestamps those lines, so one repetition is
+  terminal (``cnnzoo.core.progress``); the benchmark timestamps those lines, so one repetition is
   the wall time from one epoch's line to the next: the epoch's data loading and steps, its
   one-image validation, its checkpoint, metrics.csv and TensorBoard writes, whatever order a
   backend does them in. The first ``warmup`` epochs are discarded (graph tracing,
@@ -65,7 +65,7 @@ def _common(args: dict) -> dict:
 
 # --------------------------------------------------------------------------- the product
 def product(args: dict) -> list[Row]:
-    from cnnzoo.tasks import build_model, prepare
+    from cnnzoo.app.experiment import build_model, prepare
 
     warmup, reps, variant = args["warmup"], args["reps"], list(args.get("variant", []))
     cfg = compose(*config_overrides(args["arch"], args["backend"], args["batch"],
@@ -144,7 +144,7 @@ def handwritten(args: dict) -> list[Row]:
     by the product's own ``input_pipeline`` (a diagnostic: it splits a product's gap into what
     its data pipeline costs and what its training loop costs)."""
     from bench.pipeline import epoch_batches
-    from cnnzoo.tasks import build_model, prepare
+    from cnnzoo.app.experiment import build_model, prepare
 
     threads = args["threads"]  # None: the framework's default
     cfg = compose(*config_overrides(args["arch"], args["backend"], args["batch"],
@@ -284,7 +284,7 @@ def _lightning_epochs(build, xs, ys, args) -> list[float]:
 
 def _keras_loop(build, x, y, args, product_epoch):
     model = build()  # first: the backend sets TensorFlow's threads before its runtime starts
-    from runners.keras_model import keras, tf
+    from runners.keras.model import keras, tf
 
     bs = args["batch"]
     xs = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # Keras models take NHWC
@@ -318,8 +318,8 @@ def _keras_fit_epochs(build, xs, y, args) -> list[float]:
     batches per compiled call as the product's default (``KERAS_STEPS_PER_CALL``), fit on
     the preloaded batches as a tensor dataset, no callback but the clock; one warm-up epoch,
     then one epoch per repetition."""
-    from runners.keras_model import keras, tf
-    from runners.keras_runner import _divisor_at_most
+    from runners.keras.model import keras, tf
+    from runners.keras.backend import _divisor_at_most
 
     model, bs, steps = build(), args["batch"], args["steps"]
     data = tf.data.Dataset.from_tensor_slices((xs, y)).batch(bs).repeat()

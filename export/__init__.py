@@ -2,7 +2,7 @@
 
 Importing this package loads nothing heavy: onnx and onnxruntime load when one of the names
 below is first used, so tasks that never export (summary, predict) stay light."""
-from .errors import ExportError
+from cnnzoo.core.errors import ExportError
 
 _LAZY = {"export_and_verify": "stage", "read_metadata": "onnx_model"}
 __all__ = ["ExportError", *_LAZY]

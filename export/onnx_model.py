@@ -7,9 +7,8 @@ from pathlib import Path
 
 import onnx
 
-from cnnzoo.rundir import atomic_write_bytes
-
-from .errors import ExportError
+from cnnzoo.core.errors import ExportError
+from cnnzoo.core.rundir import atomic_write_bytes
 
 MAX_SINGLE_FILE = 2 * 1024**3  # protobuf's limit for one self-contained .onnx file
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .check import Report, check_onnx
 from .onnx_model import finalize, opset_of
-from .verify import Report, verify
 
 
 def export_and_verify(backend, model, images: np.ndarray, export_cfg, out_path: Path,
@@ -30,9 +30,9 @@ def export_and_verify(backend, model, images: np.ndarray, export_cfg, out_path: 
     if not export_cfg.verify:
         return block, None
     t1 = time.perf_counter()
-    report = verify(out_path, images, lambda x: backend.predict(model, x), export_cfg.batch_sizes,
-                    export_cfg.atol, export_cfg.rtol, export_cfg.min_top1_agreement,
-                    backend.onnx_layout, threads)
+    report = check_onnx(out_path, images, lambda x: backend.predict(model, x),
+                        export_cfg.batch_sizes, export_cfg.atol, export_cfg.rtol,
+                        export_cfg.min_top1_agreement, backend.onnx_layout, threads)
     block.update(report.as_dict())
     block["verify_s"] = round(time.perf_counter() - t1, 3)
     return block, report

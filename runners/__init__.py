@@ -1,4 +1,3 @@
-"""Backend plugins. Importing this package imports no framework."""
-from .base import Backend, TrainReport, available_backends, load_backend
-
-__all__ = ["Backend", "TrainReport", "available_backends", "load_backend"]
+"""The built-in backends, one package each with the same module names. Each package's
+``__init__`` declares the backend (``cnnzoo.core.backend.BackendInfo``) without importing its
+framework; the entry points in pyproject.toml register them exactly as an outside plugin would."""

@@ -74,6 +74,11 @@ def compose_cfg(*overrides: str):
 
 
 def config_options(group: str) -> list[str]:
+    """The options of a config group; for ``backend``, every backend usable here (its conf file
+    ships with its package)."""
+    if group == "backend":
+        from cnnzoo.core.backend import usable_backends
+        return usable_backends()
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 

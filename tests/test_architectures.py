@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from architectures import ShapeError, arch_info, build_spec, list_archs
-from cnnzoo.validate import validate
+from cnnzoo.app.validate import validate
 from conftest import ROOT, compose_cfg
-from runners.torch_model import SpecModule
+from runners.torch.model import SpecModule
 
 CONF = ROOT / "conf"
 

@@ -2,11 +2,13 @@
 import csv
 import json
 import re
+from pathlib import Path
 
 import onnx
 import pytest
 
 import architectures
+from cnnzoo.core.backend import available_backends, usable_backends
 
 pytestmark = pytest.mark.slow
 
@@ -107,24 +109,65 @@ def test_failed_verification_fails_the_run(cli):
     assert (r.run_dir / "model.onnx").exists()
 
 
-def test_third_party_backend_plugs_in_through_entry_point_and_searchpath(cli, tmp_path):
-    """An installed distribution with a cnnzoo.backends entry point and its own backend config."""
-    pkg = tmp_path / "site"
-    (pkg / "mybackend" / "conf" / "backend").mkdir(parents=True)
-    (pkg / "mybackend" / "__init__.py").write_text(
-        "from runners.torch_runner import TorchBackend\n\n"
-        "class MyBackend(TorchBackend):\n    name = 'mine'\n")
-    (pkg / "mybackend" / "conf" / "backend" / "mine.yaml").write_text(
-        "name: mine\nchannels_last: false\nnum_workers: 0\n")
-    dist = pkg / "mybackend-1.0.dist-info"
+def _install_plugin(site: Path, module: str, name: str, implementation: str, modules: tuple,
+                    options: str, conf_yaml: str) -> None:
+    """An installed distribution (a dist-info on ``site``) with a cnnzoo.backends entry point
+    naming its BackendInfo, and its own conf/backend/<name>.yaml inside its package."""
+    (site / module / "conf" / "backend").mkdir(parents=True)
+    (site / module / "conf" / "__init__.py").write_text("")
+    (site / module / "__init__.py").write_text(
+        "from cnnzoo.core.backend import BackendInfo\n"
+        "from cnnzoo.core.rules import BOOLEAN, NON_NEGATIVE_INT\n\n"
+        f"INFO = BackendInfo(name={name!r}, implementation={implementation!r},\n"
+        f"                   install='pip install {module}', modules={modules!r},\n"
+        f"                   options={options}, conf='{module}.conf')\n")
+    (site / module / "conf" / "backend" / f"{name}.yaml").write_text(conf_yaml)
+    dist = site / f"{module}-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mybackend\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[cnnzoo.backends]\nmine = mybackend:MyBackend\n")
-    r = cli("task=summary", "arch=lenet5", "backend=mine",
-            f"hydra.searchpath=[file://{pkg / 'mybackend' / 'conf'}]", env={"PYTHONPATH": str(pkg)})
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[cnnzoo.backends]\n{name} = {module}:INFO\n")
+
+
+def test_third_party_backend_plugs_in_through_entry_point_and_searchpath(cli, tmp_path):
+    """An installed package with a cnnzoo.backends entry point and its own backend config: no
+    hydra.searchpath on the command line, no edit to this repository."""
+    site = tmp_path / "site"
+    _install_plugin(site, "mybackend", "mine", "mybackend.impl:MyBackend", ("torch",),
+                    "{'channels_last': BOOLEAN, 'num_workers': NON_NEGATIVE_INT}",
+                    "name: mine\nchannels_last: false\nnum_workers: 0\n")
+    (site / "mybackend" / "impl.py").write_text(
+        "from runners.torch.backend import TorchBackend\n\n"
+        "class MyBackend(TorchBackend):\n    name = 'mine'\n")
+    r = cli("task=summary", "arch=lenet5", "backend=mine", env={"PYTHONPATH": str(site)})
     assert r.returncode == 0, r.stderr
     assert "native mine parameters: 61,706" in r.stdout
     assert r.results()["backend"] == "mine"
+    # its declared options are validated before its framework loads
+    bad = cli("backend=mine", "backend.num_workers=-1", env={"PYTHONPATH": str(site)})
+    assert bad.returncode == 2 and bad.frameworks == set()
+    assert bad.error_lines == ["error: backend.num_workers=-1 is invalid: expected an integer "
+                               ">= 0"]
+
+
+def test_a_backend_whose_framework_is_missing_names_its_install_command(cli, tmp_path):
+    site = tmp_path / "site"
+    _install_plugin(site, "ghostbackend", "ghost", "ghostbackend.impl:Ghost",
+                    ("no_such_framework_xyz",), "{}", "name: ghost\n")
+    r = cli("backend=ghost", env={"PYTHONPATH": str(site)})
+    assert r.returncode == 2 and r.frameworks == set()
+    assert r.error_lines == ["error: backend=ghost needs no_such_framework_xyz, which is not "
+                             "installed: pip install ghostbackend"]
+    assert not (r.run_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends()
+                                     if b not in usable_backends()])
+def test_an_installed_backend_without_its_framework_is_one_line(cli, backend):
+    """In a partial install (e.g. ``pip install .[torch]``) the other built-in backends."""
+    r = cli(f"backend={backend}")
+    assert r.returncode == 2 and len(r.error_lines) == 1, r.stderr
+    assert f"backend={backend} needs " in r.error_lines[0]
+    assert f"pip install 'cnnzoo[{backend}]'" in r.error_lines[0]
 
 
 def test_ddp_on_two_cpu_processes_writes_one_run_directory(cli):
@@ -144,7 +187,7 @@ ARCH_RUNS = [("vgg" if name == "vgg16" else name, []) for name in architectures.
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "keras", "mxnet"])
+@pytest.mark.parametrize("backend", usable_backends())
 @pytest.mark.parametrize("arch, extra", ARCH_RUNS,
                          ids=[a + ("-aux" if e else "") for a, e in ARCH_RUNS])
 def test_every_architecture_trains_one_epoch_and_exports(cli, backend, arch, extra):

@@ -2,7 +2,7 @@
 import pytest
 from omegaconf import open_dict
 
-from cnnzoo.validate import ConfigError, validate
+from cnnzoo.app.validate import ConfigError, validate
 from conftest import compose_cfg, config_options
 
 GROUPS = ("arch", "backend", "hardware", "data", "optim")
@@ -38,7 +38,12 @@ def test_vgg_is_an_alias_of_vgg16():
 
 
 def test_summary_task_validates():
-    validate(compose_cfg("task=summary", "arch=vgg16"))
+    cfg = compose_cfg("task=summary", "arch=vgg16")
+    assert validate(cfg) is None  # sound: no error
+    with open_dict(cfg):
+        cfg.arch.input_size = 8
+    with pytest.raises(ConfigError, match=r"^arch.input_size=8: "):
+        validate(cfg)
 
 
 def _errors(*overrides, edit=None):

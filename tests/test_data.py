@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cnnzoo.data import DataError, Dataset, Preprocess, load_digits, make_synthetic
+from cnnzoo.core.data import DataError, Dataset, Preprocess, load_digits, make_synthetic
 
 
 def test_digits_are_the_real_embedded_dataset():
@@ -73,7 +73,7 @@ def test_vectorised_resize_reproduces_pillow(interpolation):
     coefficients: the result is Pillow's float resize (nearest exactly)."""
     from PIL import Image
 
-    from cnnzoo.data_resize import resize_batch
+    from cnnzoo.core.data.resize import resize_batch
     resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                 "bicubic": Image.Resampling.BICUBIC}[interpolation]
     rng = np.random.default_rng(0)
@@ -117,7 +117,7 @@ def test_split_indexes_its_source_without_copying():
 
 
 def test_metadata_records_the_whole_contract():
-    from cnnzoo.data import Augment
+    from cnnzoo.core.data import Augment
     meta = Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3, "bicubic", Augment(4, True)).metadata()
     assert meta["resize"] == [32, 32] and meta["interpolation"] == "bicubic"
     assert meta["mean"] == [0.5] * 3 and "255" in meta["scale"] and meta["channels"] == 3
@@ -149,7 +149,8 @@ def test_kept_split_gives_the_same_batches_and_reads_each_image_once(augment):
     augmentation are those of the unkept split (to float32 rounding: a resize's last bit
     depends on the batch it runs on) and bitwise independent of the order in which batches
     first ask for them (a resumed run asks in another order); the source is read once."""
-    from cnnzoo.data import Augment, KEEP_BLOCK, Split, epoch_order
+    from cnnzoo.core.data import Augment, Split, epoch_order
+    from cnnzoo.core.data.dataset import KEEP_BLOCK
 
     n = 2 * KEEP_BLOCK + 40  # two whole blocks and a partial one
     images = make_synthetic(n, 3, 11, 3, seed=5).images  # 11x11 RGB -> 16x16 gray
@@ -188,7 +189,7 @@ def test_a_split_over_its_memory_budget_is_not_kept():
 
 
 def test_epoch_chunks_are_whole_batches_of_per_batch_takes():
-    from cnnzoo.data import epoch_chunks, epoch_order
+    from cnnzoo.core.data import epoch_chunks, epoch_order
 
     split, _ = make_synthetic(90, 3, 8, 1, seed=2).split(Preprocess(8, 1, (0.5,), (0.5,)), 0.1, 0)
     assert len(split) == 81  # 10 batches of 8 and one of 1

@@ -15,16 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 from PIL import Image
 
-import runners
-from cnnzoo.data import (Augment, DataError, Dataset, Preprocess, Split, epoch_order,
-                         load_dataset)
-from cnnzoo.data_cifar import SafeUnpickler, read_batch
-from cnnzoo.data_image_folder import FileStore, decode
-from cnnzoo.data_idx import read_idx
-from conftest import compose_cfg
+from cnnzoo.core import backend as plugins
+from cnnzoo.core.data import (
+    Augment,
+    DataError,
+    Dataset,
+    Preprocess,
+    Split,
+    epoch_order,
+    load_dataset,
+)
+from cnnzoo.core.data.cifar import SafeUnpickler, read_batch
+from cnnzoo.core.data.idx import read_idx
+from cnnzoo.core.data.image_folder import FileStore, decode
 
 # ----------------------------------------------------------------------------- real images
 
@@ -510,9 +517,9 @@ def _importable_backends():
     """Installed backends, each a pytest param; one whose module fails to import is skipped
     with the reason (e.g. a backend still being written)."""
     params = []
-    for name in runners.available_backends():
+    for name in plugins.available_backends():
         try:
-            runners.load_backend(name)
+            plugins.load_backend(name)
             params.append(pytest.param(name, id=name))
         except Exception as err:  # noqa: BLE001  ImportError, missing framework, ...
             params.append(pytest.param(name, id=name, marks=pytest.mark.skip(
@@ -548,7 +555,7 @@ def test_every_backend_gets_the_data_layers_bytes(tmp_path, backend_name, augmen
     pre = Preprocess(32, 3, (0.5,) * 3, (0.25,) * 3, "bilinear", Augment(4 * augment, augment))
     train, _ = dataset.split(pre, 0.2, cfg.seed)
     assert train.augments == augment
-    backend = runners.load_backend(backend_name)(cfg, tmp_path)
+    backend = plugins.load_backend(backend_name)(cfg, tmp_path)
     x, y = _first_batch_nchw(backend_name, backend.input_pipeline(train, shuffle=True))
     want_x, want_y = train.take(epoch_order(len(train), cfg.seed, 0)[:16], epoch=0)
     assert x.dtype == want_x.dtype and x.tobytes() == want_x.tobytes()
@@ -561,7 +568,7 @@ def test_torch_loader_draws_each_epochs_augmentation(tmp_path):
     pytest.importorskip("torch")
     tr, _ = _augmented_split()
     cfg = compose_cfg("data.batch_size=8", "seed=5", "backend.num_workers=1")
-    loader = runners.load_backend("torch")(cfg, tmp_path).input_pipeline(tr, shuffle=True)
+    loader = plugins.load_backend("torch")(cfg, tmp_path).input_pipeline(tr, shuffle=True)
     for epoch in (1, 2):
         loader.sampler.set_epoch(epoch)
         x, _ = next(iter(loader))
@@ -655,7 +662,7 @@ def test_bad_data_is_one_line_and_exit_code_2(cli, tmp_path, case):
 def test_data_options_are_validated_one_line_each(overrides, line):
     from hydra.errors import MissingConfigException
 
-    from cnnzoo.validate import ConfigError, validate
+    from cnnzoo.app.validate import ConfigError, validate
     try:
         cfg = compose_cfg(*overrides)
     except MissingConfigException as err:  # an unknown format: Hydra lists the options

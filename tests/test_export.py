@@ -10,8 +10,8 @@ from onnx import numpy_helper
 
 from conftest import compose_cfg, toy_spec
 from export import export_and_verify, read_metadata
-from export.verify import compare, verify
-from runners.torch_runner import TorchBackend
+from export.check import check_onnx as verify, compare
+from runners.torch.backend import TorchBackend
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,19 @@ import torch.nn.functional as F
 import architectures
 from architectures import spec as S
 from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder
-from cnnzoo.checkpoints import CheckpointDir, CheckpointError
-from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic
-from cnnzoo.validate import ConfigError
+from cnnzoo.core.checkpoints import CheckpointDir
+from cnnzoo.core.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic
+from cnnzoo.app.validate import ConfigError, validate
 from conftest import compose_cfg, run_cli, run_python, toy_spec
 from export import export_and_verify
-from runners import available_backends, load_backend
-from runners.base import TrainingDiverged
-from runners.keras_model import AdaptiveAvgPool2D, SpecPool2D, build_model, inference_model
-from runners.keras_runner import (CHECKPOINT, KerasBackend, _divisor_at_most, _EpochLog, keras,
-                                  to_nhwc)
-from runners.torch_model import SpecModule
+from cnnzoo.core.backend import available_backends, load_backend
+from cnnzoo.core.errors import CheckpointError, TrainingDiverged
+from runners.keras.model import AdaptiveAvgPool2D, SpecPool2D, build_model, inference_model
+from runners.keras.backend import KerasBackend, keras
+from runners.keras.data import to_nhwc
+from runners.keras.state import CHECKPOINT
+from runners.keras.train import EpochCallback, divisor_at_most
+from runners.torch.model import SpecModule
 
 
 @pytest.fixture
@@ -258,7 +260,7 @@ def test_train_step_uses_no_global_tf_seed(tmp_path, monkeypatch):
     epoch: that is enough only while no op of the compiled step draws from TensorFlow's global
     seed (a stateful random op), and training never calls ``tf.random.set_seed``, which would
     clear TensorFlow's kernel cache and re-instantiate the compiled step every epoch."""
-    from runners.keras_runner import tf
+    from runners.keras.backend import tf
     cfg = compose_cfg("backend=keras", "hardware=cpu", "optim=sgd", "trainer.max_epochs=2",
                       "data.batch_size=8", "trainer.progress_bar=false")
     b = KerasBackend(cfg, tmp_path)
@@ -292,7 +294,7 @@ def test_divergence_names_the_first_non_finite_step(tmp_path, monkeypatch, optio
                           "trainer.max_epochs=3", "data.batch_size=8",
                           "trainer.progress_bar=false", per_call, *options)
         running = []
-        monkeypatch.setattr(_EpochLog, "on_train_batch_end",
+        monkeypatch.setattr(EpochCallback, "on_train_batch_end",
                             lambda self, batch, logs=None: running.append(float(logs["loss"])))
         (tmp_path / per_call).mkdir()
         b = KerasBackend(cfg, tmp_path / per_call)
@@ -309,7 +311,7 @@ def test_divergence_names_the_first_non_finite_step(tmp_path, monkeypatch, optio
 
 @pytest.mark.parametrize("wanted, steps, used", [(1, 7, 1), (4, 45, 3), (8, 16, 8), (100, 5, 5)])
 def test_steps_per_execution_never_straddles_two_epochs(wanted, steps, used):
-    assert _divisor_at_most(wanted, steps) == used
+    assert divisor_at_most(wanted, steps) == used
 
 
 _GLIBC = (getattr(os, "confstr", lambda _: "")("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
@@ -323,7 +325,7 @@ def test_generator_threads_reuse_freed_pages(tmp_path):
     process-wide."""
     code = (
         "import resource, numpy as np\n"
-        "from runners.keras_runner import tf, tune_malloc\n"
+        "from runners.keras.data import tf, tune_malloc\n"
         "assert tune_malloc(8)\n"
         "faults = []\n"
         "def gen():\n"
@@ -341,10 +343,11 @@ def test_generator_threads_reuse_freed_pages(tmp_path):
     assert float(proc.stdout.split()[-1]) < 8  # untuned (glibc 2.36): 33, a fresh 128 KiB
 
 
-def test_malloc_tuning_option_is_checked(tmp_path):
+def test_malloc_tuning_option_is_checked():
+    """The option's rule is declared (runners/keras/__init__.py) and checked by the app before
+    the backend is created."""
     with pytest.raises(ConfigError, match="backend.malloc_top_pad_mb"):
-        KerasBackend(compose_cfg("backend=keras", "hardware=cpu",
-                                 "backend.malloc_top_pad_mb=lots"), tmp_path)
+        validate(compose_cfg("backend=keras", "hardware=cpu", "backend.malloc_top_pad_mb=lots"))
 
 
 # --------------------------------------------------------------------------- 6. input pipeline
@@ -379,7 +382,7 @@ def test_input_pipeline_batches_are_the_data_layers_batches(backend, monkeypatch
     ``epoch_order`` with that epoch's augmentation, whatever the generator's chunk size (one
     batch, a few, all), also when starting at a later epoch; an epoch's last, smaller batch is
     never merged with the next epoch's."""
-    import runners.keras_runner as kr
+    import runners.keras.data as kr
     pre = Preprocess(32, 3, (0.5,) * 3, (0.25,) * 3,
                      augment=Augment(random_crop_padding=4, horizontal_flip=True))
     train, _ = load_digits().split(pre, 0.2, seed=3, limit=250)  # 200 images: 7 batches of 32
@@ -394,7 +397,7 @@ def test_validation_pipeline_batches_are_the_data_layers_batches(backend, monkey
                                                                  start, epochs, limit):
     """An unshuffled split without augmentation (validation) gives the same batches held in
     memory (small) as from the generator (over ``IN_MEMORY_BYTES``)."""
-    import runners.keras_runner as kr
+    import runners.keras.data as kr
     _, val = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=3)  # 359 images
     assert not val.augments
     monkeypatch.setattr(kr, "IN_MEMORY_BYTES", kr.IN_MEMORY_BYTES if in_memory else 0)

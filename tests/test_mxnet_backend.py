@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cnnzoo.compat import patch_mxnet
+from runners.mxnet.compat import patch_mxnet
 
 patch_mxnet()  # as the backend does, before MXNet is imported (here at collection, so the
 # backend never sets the thread environment in this process)
@@ -27,17 +27,19 @@ from mxnet import autograd, gluon  # noqa: E402
 import architectures  # noqa: E402
 from architectures import spec as S  # noqa: E402
 from architectures.spec import INPUT, AdaptiveAvgPool, GraphBuilder  # noqa: E402
-from cnnzoo.checkpoints import CheckpointDir, CheckpointError  # noqa: E402
-from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic  # noqa: E402
-from cnnzoo.tasks import summary  # noqa: E402
-from cnnzoo.validate import ConfigError  # noqa: E402
+from cnnzoo.app.tasks import summary  # noqa: E402
+from cnnzoo.core.backend import available_backends, load_backend  # noqa: E402
+from cnnzoo.core.checkpoints import CheckpointDir  # noqa: E402
+from cnnzoo.core.data import (Augment, Preprocess, epoch_order, load_digits,  # noqa: E402
+                              make_synthetic)
+from cnnzoo.core.errors import CheckpointError, ConfigError, TrainingDiverged  # noqa: E402
+from cnnzoo.core.optim import Optimizer  # noqa: E402
 from conftest import compose_cfg, run_python, toy_spec  # noqa: E402
-from runners import available_backends, load_backend  # noqa: E402
-from runners.base import TrainingDiverged  # noqa: E402
-from runners.mxnet_model import SpecGraph, key  # noqa: E402
-from runners.mxnet_runner import (MXNetBackend, make_optimizer, restore_trainer_state,  # noqa: E402
-                                  step_sums, training_loss)
-from runners.torch_model import SpecModule  # noqa: E402
+from runners.mxnet.backend import MXNetBackend  # noqa: E402
+from runners.mxnet.model import SpecGraph, key  # noqa: E402
+from runners.mxnet.state import restore_trainer_state  # noqa: E402
+from runners.mxnet.train import make_optimizer, step_sums, training_loss  # noqa: E402
+from runners.torch.model import SpecModule  # noqa: E402
 
 NOT_LOADED = {"torch", "tensorflow", "keras", "pytorch_lightning"}
 
@@ -377,7 +379,8 @@ def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     backend.load_checkpoint(model, report.checkpoint)
     np.testing.assert_array_equal(model.layer("fc").weight.data().asnumpy(), weights["fc_weight"])
     # the optimizer state goes into a fresh trainer of our RMSprop: moments and step counts
-    trainer = gluon.Trainer(model.collect_params(), *make_optimizer(backend.cfg.optim),
+    trainer = gluon.Trainer(model.collect_params(),
+                            *make_optimizer(Optimizer.from_config(backend.cfg.optim)),
                             kvstore=None)
     restore_trainer_state(mx, trainer, folder)
     opt, states = trainer._optimizer, trainer._updaters[0].states
@@ -422,7 +425,7 @@ def test_optimizers_take_the_same_steps_as_torch(name, overrides, make_torch):
     grads = rng.standard_normal((6, 50)).astype(np.float32)
     param = gluon.Parameter("w", shape=(50,))
     param.initialize(mx.init.Constant(mx.nd.array(w0)))
-    trainer = gluon.Trainer([param], *make_optimizer(c), kvstore=None)
+    trainer = gluon.Trainer([param], *make_optimizer(Optimizer.from_config(c)), kvstore=None)
     tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
     topt = make_torch([tw], c)
     for g in grads:
@@ -593,10 +596,10 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
 # --------------------------------------------------------------------------- compatibility
 def test_compat_shims_apply_only_with_the_mxnet_backend():
     code = (
-        "import numpy, onnx, cnnzoo.compat\n"
+        "import numpy, onnx, runners.mxnet.compat\n"
         "assert 'bool' not in numpy.__dict__ and not hasattr(onnx, 'mapping')\n"
-        "import runners.mxnet_runner\n"
-        "from cnnzoo.compat import patch_mxnet\n"
+        "import runners.mxnet.backend\n"
+        "from runners.mxnet.compat import patch_mxnet\n"
         "from onnx import helper, mapping\n"
         "assert numpy.bool is bool and 'mxnet' not in __import__('sys').modules\n"
         "tables = (mapping.NP_TYPE_TO_TENSOR_TYPE, mapping.TENSOR_TYPE_TO_NP_TYPE)\n"
@@ -628,7 +631,7 @@ def test_mxnet_is_imported_with_the_configured_threads(tmp_path, threads, env, w
         "import json, os, sys\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "before = os.environ.get('OMP_NUM_THREADS')\n"
-        "from runners.mxnet_runner import _mxnet, physical_cores\n"
+        "from runners.mxnet.compat import import_mxnet as _mxnet, physical_cores\n"
         f"mx = _mxnet({threads!r})\n"
         "print(json.dumps({'seen': mx.SEEN, 'cores': physical_cores(), 'cpus': os.cpu_count(),"
         " 'restored': os.environ.get('OMP_NUM_THREADS') == before}))\n")

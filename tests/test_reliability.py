@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import ROOT, compose_cfg, run_cli
 
-from cnnzoo.checkpoints import CheckpointDir
+from cnnzoo.core.checkpoints import CheckpointDir
 
 BACKENDS = ("torch", "keras", "mxnet")
 EPOCHS = 6
@@ -85,8 +85,8 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(backend, referen
 def test_divergence_stops_naming_step_and_metric_and_keeps_last_good_checkpoint(backend,
                                                                                 tmp_path):
     """One good epoch, then the same run resumed with an exploding learning rate."""
-    from cnnzoo.tasks import build_model, prepare
-    from runners.base import TrainingDiverged
+    from cnnzoo.app.experiment import build_model, prepare
+    from cnnzoo.core.backend import TrainingDiverged
 
     good = compose_cfg(f"backend={backend}", *RUN, "trainer.max_epochs=1", "arch.options.dropout=0",
                        "arch.options.activation=relu")

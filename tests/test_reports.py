@@ -4,8 +4,9 @@ import csv
 import pytest
 from PIL import Image
 
-from cnnzoo.compare import compare, plot
-from cnnzoo.report import plot_curves, read_metrics
+from cnnzoo.app.compare import compare, plot
+from cnnzoo.app.report import plot_curves
+from cnnzoo.core.rundir import MetricsLog
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def _png(path):
 def test_run_writes_curves_and_prints_a_summary(two_runs):
     r = two_runs[0]
     assert _png(r.run_dir / "curves.png")[0] == "PNG"
-    rows = read_metrics(r.run_dir / "metrics.csv")
+    rows = MetricsLog(r.run_dir / "metrics.csv").rows()
     assert len(rows) == 3
     labels = plot_curves(rows, r.run_dir / "again.png", "t")
     assert labels == ["train_loss", "val_loss", "train_acc", "val_acc"]
@@ -58,11 +59,11 @@ def test_compare_command_finds_runs_below_a_directory(two_runs, tmp_path):
     import sys
     parent = two_runs[0].run_dir.parent  # holds the runs a and b
     out = tmp_path / "c"
-    r = subprocess.run([sys.executable, "-m", "cnnzoo.compare", str(parent), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "cnnzoo.app.compare", str(parent), "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "comparison of 2 runs" in r.stdout
-    bad = subprocess.run([sys.executable, "-m", "cnnzoo.compare", str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "cnnzoo.app.compare", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "not a directory" in bad.stderr
 
@@ -94,7 +95,7 @@ def test_predict_classifies_validation_images_at_the_models_accuracy(two_runs, t
 
     import numpy as np
 
-    from cnnzoo.data import Preprocess, load_digits
+    from cnnzoo.core.data import Preprocess, load_digits
     from conftest import run_cli
     trained = two_runs[0]
     _, val = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=42)

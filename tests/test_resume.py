@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnzoo.checkpoints import (CheckpointDir, CheckpointError, epoch_seed, seed_python_numpy,
+from cnnzoo.core.checkpoints import (CheckpointDir, CheckpointError, epoch_seed, seed_python_numpy,
                                 weights_sha256)
-from cnnzoo.resume import prepare_run_dir, resume_point
-from cnnzoo.rundir import MetricsLog
+from cnnzoo.app.resume import prepare_run_dir, resume_point
+from cnnzoo.core.rundir import MetricsLog
 from conftest import compose_cfg
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import architectures
-from cnnzoo.checkpoints import CheckpointDir, CheckpointError, weights_sha256
+from cnnzoo.core.backend import available_backends, load_backend
+from cnnzoo.core.checkpoints import CheckpointDir, weights_sha256
+from cnnzoo.core.errors import CheckpointError, ConfigError
 from conftest import compose_cfg, toy_spec
-from runners import available_backends, load_backend
-from runners.torch_runner import CHECKPOINT, TorchBackend
+from runners.torch.backend import TorchBackend
+from runners.torch.state import CHECKPOINT
 
 
 @pytest.fixture
@@ -73,31 +75,37 @@ def test_checkpoint_round_trip(backend, tmp_path):
 def test_backend_is_discovered_through_entry_points():
     assert "torch" in available_backends()
     assert load_backend("torch") is TorchBackend
-    with pytest.raises(KeyError, match="installed backends: .*torch"):
+    with pytest.raises(ConfigError, match="installed backends: .*torch"):
         load_backend("caffe")
 
 
 def test_third_party_backend_registers_by_installing_a_package(tmp_path, monkeypatch):
-    """A distribution on sys.path with a cnnzoo.backends entry point is found and loaded."""
+    """A distribution on sys.path with a cnnzoo.backends entry point (its BackendInfo) is
+    found and its Backend class loaded."""
     (tmp_path / "mybackend.py").write_text(
-        "from runners.torch_runner import TorchBackend\n"
-        "class MyBackend(TorchBackend):\n    name = 'mine'\n")
+        "from cnnzoo.core.backend import BackendInfo\n"
+        "from runners.torch.backend import TorchBackend\n"
+        "class MyBackend(TorchBackend):\n    name = 'mine'\n"
+        "INFO = BackendInfo(name='mine', implementation='mybackend:MyBackend',\n"
+        "                   install='pip install mybackend', modules=('torch',))\n")
     dist = tmp_path / "mybackend-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mybackend\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[cnnzoo.backends]\nmine = mybackend:MyBackend\n")
+    (dist / "entry_points.txt").write_text("[cnnzoo.backends]\nmine = mybackend:INFO\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "mine" in available_backends()
     assert load_backend("mine").name == "mine"
 
 
 def test_auxiliary_classifiers_join_the_training_loss():
-    from runners.torch_runner import Classifier
+    from cnnzoo.core.optim import Optimizer
+    from runners.torch.train import Classifier
 
     spec = architectures.build_spec("inception_v1", num_classes=4, aux_logits=True)
     cfg = compose_cfg("arch=inception_v1")
     net = TorchBackend(cfg, ".").build(spec, 32)
-    clf = Classifier(net, cfg.optim, 1, channels_last=False)  # no Trainer attached
+    clf = Classifier(net, Optimizer.from_config(cfg.optim), 1,  # no Trainer attached
+                     channels_last=False)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     net.train()
     torch.manual_seed(0)  # same dropout masks in both forward passes
@@ -109,13 +117,33 @@ def test_auxiliary_classifiers_join_the_training_loss():
     assert torch.allclose(loss, expected) and loss > ce(main, y)
 
 
+
+@pytest.mark.parametrize("overrides, cls, expected", [
+    (("optim=rmsprop",), torch.optim.RMSprop, {"alpha": 0.9, "eps": 1.0}),  # Inception defaults
+    (("optim=adam",), torch.optim.Adam, {"eps": 1e-8}),
+    (("optim=adamw", "optim.weight_decay=0.05"), torch.optim.AdamW, {"weight_decay": 0.05}),
+    (("optim=sgd", "optim.momentum=0.9", "optim.nesterov=true"), torch.optim.SGD,
+     {"momentum": 0.9, "nesterov": True})])
+def test_optimizers_map_onto_torch_optim(overrides, cls, expected):
+    """Each ``optim.name`` is its torch.optim class with the defaults cnnzoo.core.optim states;
+    an unknown name is a ConfigError (it used to train with AdamW silently)."""
+    from cnnzoo.core.optim import Optimizer
+    from runners.torch.train import torch_optimizer
+
+    cfg = compose_cfg(*overrides)
+    opt = torch_optimizer(Optimizer.from_config(cfg.optim), [torch.nn.Parameter(torch.zeros(1))])
+    assert type(opt) is cls
+    assert {k: opt.defaults[k] for k in expected} == expected
+    with pytest.raises(ConfigError, match="optim.name='lion'"):
+        Optimizer.from_config(compose_cfg("optim.name=lion").optim)
+
 @pytest.mark.parametrize("augment, workers", [(False, 0), (True, 0), (True, 2)],
                          ids=["plain", "augmented", "augmented-2-workers"])
 def test_input_pipeline_yields_the_data_layers_batches(tmp_path, augment, workers):
     """Every batch of an epoch equals ``split.take`` of the next ``batch_size`` positions of
     ``epoch_order``, with that epoch's augmentation (also from worker processes, which never
     see set_epoch), the last batch short; without shuffling, the split's own order."""
-    from cnnzoo.data import Augment, Preprocess, epoch_order, load_digits
+    from cnnzoo.core.data import Augment, Preprocess, epoch_order, load_digits
 
     bs, seed = 24, 3
     backend = TorchBackend(compose_cfg("hardware=cpu", f"data.batch_size={bs}", f"seed={seed}",
@@ -152,7 +180,7 @@ SMALL = ("hardware=cpu", "data.limit=200", "arch.options.dropout=0.3", "optim=sg
 
 
 def _model(run_dir, *overrides):
-    from cnnzoo.tasks import build_model, prepare
+    from cnnzoo.app.experiment import build_model, prepare
 
     cfg = compose_cfg(*SMALL, *overrides)
     exp = prepare(cfg)
@@ -175,7 +203,7 @@ class _Crash(Exception):
 def test_epoch_folders_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch, options):
     """A crash inside epoch 2, then a resume: the weights equal an uninterrupted run's (with
     DataLoader workers too, which prefetch the resumed epoch's first batches)."""
-    from runners.torch_runner import _EpochLog
+    from runners.torch.train import ProtocolHooks
 
     backend, model, first = _train(tmp_path / "straight", 2, None, *options)
     straight = weights_sha256(backend.get_weights(model))
@@ -186,7 +214,7 @@ def test_epoch_folders_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch
             raise _Crash
     run = tmp_path / "resumed"
     with monkeypatch.context() as m:
-        m.setattr(_EpochLog, "on_train_batch_end", crash_in_epoch_2)
+        m.setattr(ProtocolHooks, "on_train_batch_end", crash_in_epoch_2)
         with pytest.raises(_Crash):
             _train(run, 2, None, *options)
     one = CheckpointDir(run).latest()
@@ -211,7 +239,7 @@ def test_epoch_metrics_are_means_per_image_and_go_to_tensorboard(tmp_path):
     backend, model, report = _train(tmp_path, 2, None, "optim.lr=0", "arch.options.dropout=0",
                                     "data.batch_size=24")  # 160 and 40 images: short batches
     c = backend.cfg
-    from cnnzoo.tasks import prepare
+    from cnnzoo.app.experiment import prepare
 
     exp = prepare(c)
     net = model.cpu().float().eval()
@@ -229,7 +257,7 @@ def test_epoch_metrics_are_means_per_image_and_go_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cnnzoo.rundir import MetricsLog
+    from cnnzoo.core.rundir import MetricsLog
     rows = MetricsLog(tmp_path / "metrics.csv").rows()
     board = EventAccumulator(str(tmp_path / "tensorboard"))
     board.Reload()
@@ -241,7 +269,7 @@ def test_epoch_metrics_are_means_per_image_and_go_to_tensorboard(tmp_path):
 
 
 def test_divergence_names_the_first_bad_step_and_writes_nothing(tmp_path):
-    from runners.base import TrainingDiverged
+    from cnnzoo.core.errors import TrainingDiverged
 
     plain = ("arch.options.activation=relu", "arch.options.dropout=0", "optim.scheduler=none")
     _train(tmp_path, 1, None, *plain)

@@ -6,7 +6,7 @@ import re
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from cnnzoo.validate import OTHER_CHECKS, ConfigError, markdown_table, rule_rows, validate
+from cnnzoo.app.validate import OTHER_CHECKS, ConfigError, markdown_table, rule_rows, validate
 from conftest import ROOT, compose_cfg
 
 ROWS = rule_rows(compose_cfg)
@@ -20,7 +20,7 @@ def _applies(when: str) -> list[str]:
 
 
 def _bad_value(key: str, cfg):
-    from cnnzoo.validate import _rules
+    from cnnzoo.app.validate import _rules
     type_ok, range_ok, _ = _rules(cfg)[key]
     return next(v for v in CANDIDATES if not (type_ok(v) and range_ok(v)))
 
@@ -40,7 +40,7 @@ def test_every_rule_rejects_a_bad_value_in_one_line(key, allowed, when):
 
 def test_docs_list_every_rule():
     doc = (ROOT / "docs" / "validation.md").read_text()
-    assert markdown_table(compose_cfg) in doc, "regenerate: python -m cnnzoo.validate"
+    assert markdown_table(compose_cfg) in doc, "regenerate: python -m cnnzoo.app.validate"
 
 
 # where each check beyond the per-key rules is tested
@@ -54,12 +54,12 @@ OTHER_TESTS = {
         "tests/test_verify_matrix.py::test_verify_settings_are_validated",
     "verify.archs, verify.weights":
         "tests/test_verify_matrix.py::test_weights_file_is_checked_against_the_architecture",
-    "hardware.*, backend.kvstore":
+    "hardware.*, backend.*":
         "tests/test_config.py::test_backend_limits_are_refused_before_anything_loads",
+    "backend.name":
+        "tests/test_cli.py::test_a_backend_whose_framework_is_missing_names_its_install_command",
     "hardware.accelerator=gpu, hardware.devices":
         "tests/test_keras_backend.py::test_missing_gpu_is_one_clear_error",
-    "backend.steps_per_execution":
-        "tests/test_keras_backend.py::test_several_batches_per_call_over_devices_is_refused",
     "arch.num_classes": "tests/test_datasets.py::test_bad_data_is_one_line_and_exit_code_2",
     "data.path": "tests/test_datasets.py::test_bad_data_is_one_line_and_exit_code_2",
     "resume": "tests/test_resume.py::test_changed_training_config_is_refused_naming_each_key",

@@ -1,18 +1,23 @@
-"""Weight transfer between backends through the spec's layer names (``runners.weight_layouts``,
+"""Weight transfer between backends through the spec's layer names (``cnnzoo.core.weights``,
 ``Backend.get_weights``/``set_weights``) and ``task=verify``, the cross-framework matrix: one
 set of weights, every backend native and in onnxruntime, every pair compared."""
 import json
 
 import numpy as np
 import pytest
+from conftest import compose_cfg, toy_spec
 
 import architectures
-from cnnzoo.crosscheck import randomize_batch_norm, shared_weights
-from cnnzoo.validate import ConfigError, validate
-from conftest import compose_cfg, toy_spec
-from runners import load_backend
-from runners.weight_layouts import (WeightsError, check_weights, expected_shapes, load_weights,
-                                    save_weights)
+from cnnzoo.app.crosscheck import randomize_batch_norm, shared_weights
+from cnnzoo.app.validate import ConfigError, validate
+from cnnzoo.core.backend import load_backend
+from cnnzoo.core.weights import (
+    WeightsError,
+    check_weights,
+    expected_shapes,
+    load_weights,
+    save_weights,
+)
 
 BACKENDS = ("torch", "keras", "mxnet")
 

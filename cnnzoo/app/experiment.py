@@ -1,0 +1,84 @@
+"""What every task that runs a model shares: the architecture's spec, the dataset and its
+splits, and the chosen backend with its native model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import architectures
+
+from ..core.backend import load_backend
+from ..core.errors import RunFailed
+
+
+def spec_of(cfg: DictConfig, num_classes: int | None = None):
+    """The spec of ``cfg.arch`` (``num_classes`` None: the configured count)."""
+    return architectures.build_spec(cfg.arch.name, num_classes or cfg.arch.num_classes,
+                                    cfg.arch.in_channels, **cfg.arch.get("options", {}))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {"a.b.c": value}; an empty mapping stays, as {"a.b": {}}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def make_backend(cfg: DictConfig, run_dir: Path):
+    """The configured backend (its framework is imported now)."""
+    return load_backend(cfg.backend.name)(cfg, run_dir)
+
+
+@dataclass
+class Experiment:
+    """What train and eval share: the dataset, its splits and the model's spec."""
+    dataset: object
+    spec: object
+    analysis: object
+    preprocess: object
+    train_split: object
+    val_split: object
+
+
+def prepare(cfg: DictConfig) -> Experiment:
+    from ..core.data import Augment, DataError, Preprocess, load_dataset
+
+    dataset = load_dataset(cfg.data, cfg.seed)
+    num_classes = cfg.arch.num_classes or dataset.num_classes
+    if num_classes < dataset.num_classes:
+        raise DataError(f"arch.num_classes={num_classes} but data '{dataset.name}' has "
+                        f"{dataset.num_classes} classes: set arch.num_classes=null")
+    spec = spec_of(cfg, num_classes)
+    channels = cfg.arch.in_channels
+    preprocess = Preprocess(cfg.arch.input_size, channels,
+                            per_channel(cfg.data.mean, channels), per_channel(cfg.data.std, channels),
+                            cfg.data.interpolation, Augment(**cfg.data.get("augment", {})))
+    train_split, val_split = dataset.split(preprocess, cfg.data.val_fraction, cfg.seed,
+                                           cfg.data.limit)
+    budget = cfg.data.get("in_memory_mb", 0) << 20
+    for split in (train_split, val_split):  # training first: it is read every epoch
+        budget -= split.keep_in_memory(budget)
+    return Experiment(dataset, spec, spec.analyze(cfg.arch.input_size), preprocess, train_split,
+                      val_split)
+
+
+def build_model(cfg: DictConfig, run_dir: Path, exp: Experiment):
+    """The chosen backend (its framework is imported now) and its native model."""
+    backend = make_backend(cfg, run_dir)
+    model = backend.build(exp.spec, cfg.arch.input_size)
+    native_params = backend.count_params(model)
+    if native_params != exp.analysis.params:
+        raise RunFailed(f"{cfg.backend.name} built {native_params:,} trainable parameters for "
+                        f"{exp.spec.name}, the spec has {exp.analysis.params:,}: backend bug")
+    return backend, model, native_params
+
+
+def per_channel(values, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values

@@ -1,0 +1,108 @@
+"""Run an exported model on image files: ``task=predict`` or, for deployment, standalone:
+
+    python -m cnnzoo.app.predict model.onnx photo.png more_images/ [--top-k 5] [--json]
+
+Only onnxruntime, numpy and Pillow are used. The preprocessing (size, interpolation, channels,
+mean/std, input layout) and the class names come from the model's own ONNX metadata, written by
+the export stage, so images are fed exactly as in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..core.data.image_folder import EXTENSIONS, decode
+from ..core.data.preprocess import Preprocess, to_layout
+from ..core.errors import DataError
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """Files as given, folders searched recursively for images (sorted)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in EXTENSIONS)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"predict: {item} does not exist: give image files or folders")
+    if not files:
+        raise DataError(f"predict: no images ({', '.join(sorted(EXTENSIONS))}) in {inputs}")
+    return files
+
+
+def load_model(path: Path):
+    """The onnxruntime session, the Preprocess recorded in the model, its layout and classes."""
+    import onnxruntime as ort
+    if not Path(path).is_file():
+        raise DataError(f"predict: model {path} does not exist: give the model.onnx of a run")
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001  onnxruntime raises its own exception types
+        raise DataError(f"predict: {path} is not a loadable ONNX model: "
+                        f"{str(err).splitlines()[0]}") from None
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "preprocess" not in meta:
+        raise DataError(f"predict: {path} has no cnnzoo preprocessing metadata; export it "
+                        "with run.py so that its inputs can be prepared")
+    pre = json.loads(meta["preprocess"])
+    preprocess = Preprocess(pre["resize"][0], pre["channels"], tuple(pre["mean"]),
+                            tuple(pre["std"]), pre["interpolation"])
+    classes = json.loads(meta.get("class_names", "[]"))
+    return sess, preprocess, meta.get("layout", "NCHW"), classes
+
+
+def predict(model: Path, inputs: list[str], top_k: int = 5, batch_size: int = 32) -> list[dict]:
+    """Top-k classes with probabilities for every image in ``inputs``."""
+    sess, preprocess, layout, classes = load_model(model)
+    name = sess.get_inputs()[0].name
+    results = []
+    files = image_files(inputs)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = []
+        for f in chunk:
+            try:
+                images.append(decode(str(f)))
+            except Exception as err:  # noqa: BLE001  Pillow's errors vary by format
+                raise DataError(f"predict: cannot read {f}: {err}") from None
+        logits = sess.run(None, {name: to_layout(preprocess.batch(images), layout)})[0]
+        probs = _softmax(logits.astype(np.float64))
+        for f, p in zip(chunk, probs):
+            best = np.argsort(-p)[:top_k]
+            results.append({"file": str(f), "top": [
+                {"class": classes[k] if k < len(classes) else str(k), "index": int(k),
+                 "probability": float(p[k])} for k in best]})
+    return results
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def format_results(results: list[dict]) -> str:
+    return "\n".join(f"{r['file']}: " + ", ".join(f"{t['class']} ({t['probability']:.3f})"
+                                                  for t in r["top"]) for r in results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cnnzoo.app.predict", description=__doc__.splitlines()[0])
+    p.add_argument("model", type=Path, help="an ONNX model exported by run.py")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = p.parse_args(argv)
+    try:
+        results = predict(args.model, args.inputs, args.top_k)
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The tasks ``run.py`` dispatches to. Order matters for users: the config is validated first,
+then data is loaded, and only then is the chosen backend (and its framework) imported."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..core.errors import BAD_INPUT, RunFailed, RunFailure, TrainingDiverged
+from ..core.rundir import SCHEMA_VERSION, git_info, machine_info, package_versions, write_json
+from .experiment import build_model, make_backend, prepare, spec_of
+from .validate import validate
+
+
+def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
+    """Run ``cfg.task`` in the run directory Hydra made; return the optimized metric.
+
+    User mistakes exit with code 2 and failed runs with code 1, each with one clear message. In
+    a sweep (multirun) a failed trial is recorded instead (results.json status "failed" with
+    the reason) and returns None, so the sweep goes on; its summary marks the trial."""
+    from hydra.types import RunMode
+
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        validate(cfg)
+        if cfg.task == "summary":
+            backend_chosen = any(o.startswith("backend=") for o in hydra_cfg.overrides.task)
+            return summary(cfg, run_dir, build_native=backend_chosen)
+        if cfg.task == "predict":
+            return predict_task(cfg, run_dir)
+        if cfg.task == "eval":
+            from .evaluate import evaluate
+            return evaluate(cfg, run_dir, list(hydra_cfg.overrides.task))
+        _share_cpu_threads(cfg, hydra_cfg.launcher.get("n_jobs") if in_sweep else None)
+        if cfg.task == "verify":
+            from .crosscheck import verify_task
+            return verify_task(cfg, run_dir)
+        return train(cfg, run_dir, list(hydra_cfg.overrides.task))
+    except BAD_INPUT + (RunFailure,) as err:
+        error = err
+    except Exception as err:  # noqa: BLE001  a crash: a sweep records it, a single run shows it
+        if not in_sweep:
+            raise
+        error = err
+        traceback.print_exc()
+    if in_sweep:
+        _record_failure(run_dir, cfg, error)
+        _print_error(error)
+        return None
+    _print_error(error)
+    sys.exit(getattr(error, "exit_code", 2 if isinstance(error, BAD_INPUT) else 1))
+
+
+def _share_cpu_threads(cfg: DictConfig, parallel_jobs: int | None) -> None:
+    """Trials running side by side (joblib launcher) split the CPU cores between them."""
+    if parallel_jobs and parallel_jobs > 1 and cfg.hardware.threads is None:
+        cfg.hardware.threads = max(1, (os.cpu_count() or 1) // parallel_jobs)
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, error: Exception) -> None:
+    """Keep what the trial wrote (e.g. a failed verification's diffs) and add why it failed."""
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {
+        "schema_version": SCHEMA_VERSION, "task": cfg.task, "arch": cfg.arch.name,
+        "backend": cfg.backend.name}
+    results["status"] = "failed"
+    results["error"] = f"{type(error).__name__}: {error}"
+    write_json(path, results)
+
+
+def _print_error(err: Exception) -> None:
+    for line in str(err).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+
+
+def _base_results(cfg: DictConfig, analysis) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "task": cfg.task, "status": "ok",
+            "arch": analysis.spec.name, "backend": cfg.backend.name,
+            "input_shape": list(analysis.input_shape), "num_classes": analysis.spec.num_classes,
+            "params": analysis.params, "flops": analysis.flops}
+
+
+def summary(cfg: DictConfig, run_dir: Path, build_native: bool):
+    from .summary import layer_rows, print_table
+
+    spec = spec_of(cfg)
+    analysis = spec.analyze(cfg.arch.input_size)
+    min_size = spec.min_input_size()
+    print_table(analysis, min_size)
+    results = {**_base_results(cfg, analysis), "min_input_size": min_size,
+               "layers": layer_rows(analysis)}
+    if build_native:
+        backend = make_backend(cfg, run_dir)
+        native = backend.count_params(backend.build(spec, cfg.arch.input_size))
+        results["native_params"] = native
+        print(f"native {cfg.backend.name} parameters: {native:,}"
+              + ("" if native == analysis.params else "  (DIFFERS from the spec)"))
+    write_json(run_dir / "results.json", results)
+    return analysis.params
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str]):
+    from ..core.checkpoints import weights_sha256
+    from .report import plot_curves, print_config, print_summary
+    from .resume import prepare_run_dir, resume_point
+
+    t_start = time.perf_counter()
+    print_config(cfg)
+    resume = resume_point(cfg, run_dir)
+    exp = prepare(cfg)
+    dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
+    train_split, val_split = exp.train_split, exp.val_split
+    num_classes = spec.num_classes
+    backend, model, native_params = build_model(cfg, run_dir, exp)
+    print(f"{spec.name}: {analysis.params:,} parameters, input "
+          f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
+          f"{len(val_split)} val images; backend {cfg.backend.name}")
+    if backend.is_main_process:
+        prepare_run_dir(cfg, run_dir, resume)
+        if resume is not None:
+            print(f"resuming from {resume.path} (epoch {resume.epoch} of "
+                  f"{cfg.trainer.max_epochs} done)", flush=True)
+    report = _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir)
+    if not backend.is_main_process:
+        return None  # worker process of multi-process training: rank 0 reports and exports
+
+    history = _full_history(run_dir, report.history)
+    metrics = dict(history[-1]) if history else {}
+    metrics.pop("epoch_time_s", None)
+    metrics["best_val_acc"] = max((r.get("val_acc", 0.0) for r in history), default=None)
+    results = {**_base_results(cfg, analysis), "native_params": native_params,
+               "seed": cfg.seed, "overrides": overrides,
+               "resumed_from_epoch": resume.epoch if resume else None,
+               "weights_sha256": weights_sha256(backend.get_weights(model)),
+               "hardware": {**OmegaConf.to_container(cfg.hardware), **report.extra},
+               "machine": machine_info(), "git": git_info(Path(__file__).parent),
+               "data": {"name": dataset.name, "train_images": len(train_split),
+                        "val_images": len(val_split), "classes": dataset.classes,
+                        "preprocess": preprocess.metadata()},
+               "metrics": metrics,
+               "timings": {"train_s": round(report.train_time_s, 3),
+                           "images_per_s": round(report.images_per_s, 1)},
+               "checkpoint": _relative(report.checkpoint, run_dir),
+               "versions": package_versions()}
+
+    failure = None
+    if cfg.export.enabled:
+        from export import export_and_verify  # loads onnx: only once training is done
+        n = min(cfg.export.num_images, len(val_split))
+        images, _ = val_split.batch(0, n)
+        metadata = {"arch": spec.name, "backend": cfg.backend.name,
+                    "input_shape": ["N", *analysis.input_shape], "num_classes": num_classes,
+                    "class_names": dataset.classes, "preprocess": preprocess.metadata(),
+                    "params": analysis.params, "versions": results["versions"]}
+        block, verification = export_and_verify(backend, model, images, cfg.export,
+                                                run_dir / "model.onnx", metadata,
+                                                cfg.hardware.threads)
+        results["export"] = block
+        if verification is not None:
+            print(f"ONNX verification of {block['path']} against {cfg.backend.name} "
+                  f"({verification.providers[0]}):")
+            print("\n".join(verification.lines()))
+            if not verification.passed:
+                results["status"] = "verification_failed"
+                failure = (f"ONNX verification failed: max abs diff {block['max_abs_diff']:.3g}, "
+                           f"top-1 agreement {block['top1_agreement']:.3f} (atol {cfg.export.atol:g},"
+                           f" rtol {cfg.export.rtol:g}); see {run_dir / 'results.json'}")
+    results["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    write_json(run_dir / "results.json", results)
+    if history:
+        plot_curves(history, run_dir / "curves.png", f"{spec.name} on {cfg.backend.name}")
+    if cfg.tracking.mlflow:
+        from .tracking import log_run
+        log_run(cfg, results, history, run_dir)
+    print_summary(results, run_dir)
+    if failure:
+        raise RunFailed(failure)
+    return metrics.get(cfg.optimized_metric)
+
+
+def _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir: Path):
+    """``backend.train``; a divergence names the last good checkpoint, which stays."""
+    from ..core.checkpoints import CheckpointDir
+    try:
+        return backend.train(model, train_split, val_split, resume)
+    except TrainingDiverged as err:
+        good = CheckpointDir(run_dir).latest()
+        kept = (f"the last good checkpoint is kept: {good.path} (epoch {good.epoch})" if good
+                else "no epoch finished before it, so there is no checkpoint")
+        raise TrainingDiverged(f"{err}\n{kept}") from None
+
+
+def _full_history(run_dir: Path, trained: list[dict]) -> list[dict]:
+    """This attempt's rows, after the rows of the epochs done before it was resumed."""
+    from ..core.rundir import MetricsLog
+
+    first = trained[0]["epoch"] if trained else None
+    path = run_dir / "metrics.csv"
+    earlier = [r for r in MetricsLog(path).rows() if first is None or r["epoch"] < first] \
+        if path.exists() else []
+    return earlier + list(trained)
+
+
+def predict_task(cfg: DictConfig, run_dir: Path) -> None:
+    from .predict import format_results, predict
+
+    results = predict(Path(cfg.predict.model), list(cfg.predict.inputs), cfg.predict.top_k)
+    print(format_results(results))
+    write_json(run_dir / "predictions.json", results)
+
+
+def _relative(path, run_dir: Path):
+    return None if path is None else str(Path(path).relative_to(run_dir))

@@ -1,0 +1,249 @@
+"""The backend conformance suite: what every backend must do, as pytest tests.
+
+A backend package runs it against itself from its own tests:
+
+    # tests/test_conformance.py of the plugin
+    import pytest
+    from cnnzoo.conformance import *  # noqa: F401,F403  (the suite's tests)
+
+    @pytest.fixture(params=["flax"])
+    def backend_name(request):
+        return request.param
+
+cnnzoo's own tests/test_conformance.py runs it for every installed backend whose framework is
+installed. Each test trains LeNet-5 for at most two epochs on a few synthetic images, so the
+whole suite takes seconds per backend. What it checks is the contract of
+``cnnzoo.core.backend``: the declaration and its config file, parameter counts, canonical
+weights, inference, the training protocol's files, seeded determinism, exact resume, the
+divergence stop, safe checkpoint loading and an ONNX export that onnxruntime reproduces.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import architectures
+from cnnzoo.core.backend import Backend, backend_info
+from cnnzoo.core.checkpoints import CheckpointDir, weights_sha256
+from cnnzoo.core.errors import CheckpointError, TrainingDiverged, WeightsError
+from cnnzoo.core.rundir import METRIC_COLUMNS, MetricsLog
+from cnnzoo.core.training import TrainingProtocol
+from cnnzoo.core.weights import expected_shapes
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EPOCHS, STEPS = 2, 3  # 64 synthetic images: 48 to train in 3 batches of 16, 16 to validate
+SMALL = ("arch=lenet5", "data=synthetic", "data.num_samples=64", "data.image_size=32",
+         "data.channels=1", "data.num_classes=4", "data.batch_size=16", "data.val_fraction=0.25",
+         f"trainer.max_epochs={EPOCHS}", "trainer.progress_bar=false", "hardware=cpu",
+         "optim=adam", "optim.lr=0.001")
+
+
+def compose(backend_name: str, *overrides: str):
+    """The composed and validated config of a small run of ``backend_name``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from cnnzoo.app.validate import validate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"backend={backend_name}", *SMALL, *overrides])
+    validate(cfg)
+    return cfg
+
+
+def setup(backend_name: str, run_dir: Path, *overrides: str):
+    """(backend, model, train split, val split) of a small run."""
+    from cnnzoo.app.experiment import build_model, prepare
+
+    cfg = compose(backend_name, *overrides)
+    exp = prepare(cfg)
+    backend, model, _ = build_model(cfg, run_dir, exp)
+    return backend, model, exp.train_split, exp.val_split
+
+
+def train(backend_name: str, run_dir: Path, *overrides: str, resume=None):
+    """Train a small run; (backend, model, TrainReport)."""
+    backend, model, train_split, val_split = setup(backend_name, run_dir, *overrides)
+    return backend, model, backend.train(model, train_split, val_split, resume)
+
+
+@pytest.fixture
+def trained(backend_name, tmp_path):
+    return train(backend_name, tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- the declaration
+def test_declaration_loads_a_backend_of_that_name(backend_name):
+    info = backend_info(backend_name)
+    assert info.name == backend_name and not info.missing_modules()
+    cls = info.load()
+    assert issubclass(cls, Backend) and cls.name == backend_name
+    assert cls.onnx_layout in ("NCHW", "NHWC")
+
+
+def test_config_file_is_found_and_its_options_pass_their_declared_rules(backend_name):
+    cfg = compose(backend_name)
+    assert cfg.backend.name == backend_name
+    info = backend_info(backend_name)
+    for key, rule in info.options.items():
+        assert key in cfg.backend, f"backend.{key} is declared but not in its config file"
+        assert rule.accepts(cfg.backend[key]), f"backend.{key}={cfg.backend[key]!r}"
+
+
+# --------------------------------------------------------------------------- models and weights
+@pytest.mark.parametrize("arch, size", [("lenet5", 32), ("xception", 71)])
+def test_native_params_equal_the_spec(backend_name, tmp_path, arch, size):
+    cfg = compose(backend_name)
+    backend = backend_info(backend_name).load()(cfg, tmp_path)
+    spec = architectures.build_spec(arch, num_classes=10)
+    assert backend.count_params(backend.build(spec, size)) == spec.analyze(size).params
+
+
+def test_canonical_weights_round_trip_exactly(backend_name, tmp_path):
+    backend, model, _, _ = setup(backend_name, tmp_path)
+    weights = backend.get_weights(model)
+    assert {k: v.shape for k, v in weights.items()} == expected_shapes(
+        architectures.build_spec("lenet5", 4, 1), 32)
+    rng = np.random.default_rng(0)
+    new = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
+    backend.set_weights(model, new)
+    got = backend.get_weights(model)
+    assert all(np.array_equal(got[k], new[k]) and got[k].dtype == np.float32 for k in new)
+    broken = dict(new)
+    broken.pop(sorted(broken)[0])
+    with pytest.raises(WeightsError, match="missing 1 key"):
+        backend.set_weights(model, broken)
+    assert all(np.array_equal(backend.get_weights(model)[k], new[k]) for k in new)
+
+
+def test_predict_is_deterministic_float32_logits(backend_name, tmp_path):
+    backend, model, _, val = setup(backend_name, tmp_path)
+    x, _ = val.batch(0, 5)
+    a, b = backend.predict(model, x), backend.predict(model, x)
+    assert a.shape == (5, 4) and a.dtype == np.float32 and np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- training
+def test_training_writes_the_protocols_files(trained, tmp_path):
+    backend, model, report = trained
+    run = tmp_path / "run"
+    rows = MetricsLog(run / "metrics.csv").rows()
+    assert [r["epoch"] for r in rows] == [1, 2] == [r["epoch"] for r in report.history]
+    assert set(METRIC_COLUMNS) <= set(rows[0])
+    assert all(np.isfinite(r[c]) for r in rows for c in METRIC_COLUMNS)
+    assert any((run / "tensorboard").iterdir())
+    latest = CheckpointDir(run).latest()
+    assert latest.epoch == EPOCHS and latest.state["backend"] == backend.name
+    assert report.checkpoint is not None and Path(report.checkpoint).exists()
+    assert report.images_per_s > 0 and report.train_time_s > 0
+    scores = backend.evaluate(model, setup(backend.name, tmp_path / "other")[3])
+    assert {"loss", "acc", "per_class_acc", "confusion_matrix"} <= set(scores)
+
+
+def test_seeded_training_is_reproducible(backend_name, tmp_path):
+    hashes = {weights_sha256(b.get_weights(m)) for b, m, _ in
+              (train(backend_name, tmp_path / f"run{i}") for i in range(2))}
+    assert len(hashes) == 1
+
+
+class _Killed(Exception):
+    """Stands for a process killed right after an epoch's checkpoint was written."""
+
+
+def test_resume_continues_to_the_uninterrupted_weights(backend_name, tmp_path, monkeypatch):
+    backend, model, _ = train(backend_name, tmp_path / "straight")
+    straight = weights_sha256(backend.get_weights(model))
+    end_epoch = TrainingProtocol.end_epoch
+
+    def killed_after_epoch_1(self, epoch, *args, **kwargs):
+        row = end_epoch(self, epoch, *args, **kwargs)
+        if epoch == 0:
+            raise _Killed
+        return row
+
+    run = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(TrainingProtocol, "end_epoch", killed_after_epoch_1)
+        with pytest.raises(_Killed):
+            train(backend_name, run)
+    first = CheckpointDir(run).latest()
+    assert first.epoch == 1 and first.state["backend"] == backend_name
+    backend, model, report = train(backend_name, run, resume=first)
+    assert [r["epoch"] for r in report.history] == [2]
+    assert weights_sha256(backend.get_weights(model)) == straight
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(backend_name, tmp_path):
+    backend, model, train_split, val_split = setup(backend_name, tmp_path)
+    take = train_split.take
+
+    def nan_in_epoch_2(indices, epoch=0):
+        x, y = take(indices, epoch)
+        return (np.full_like(x, np.nan) if epoch == 1 else x), y
+
+    train_split.take = nan_in_epoch_2
+    with pytest.raises(TrainingDiverged) as err:
+        backend.train(model, train_split, val_split)
+    found = re.fullmatch(r"training diverged: train_loss is (nan|inf) at step (\d+) \(epoch 2, "
+                         rf"batch (\d+) of {STEPS}\); lower optim.lr", str(err.value))
+    assert found and int(found.group(2)) == STEPS + int(found.group(3)), str(err.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001"]
+    assert [r["epoch"] for r in MetricsLog(tmp_path / "metrics.csv").rows()] == [1]
+
+
+# --------------------------------------------------------------------------- checkpoint files
+def test_checkpoint_loads_into_a_fresh_model(trained, tmp_path):
+    backend, model, report = trained
+    _, fresh, _, val = setup(backend.name, tmp_path / "fresh")
+    backend.load_checkpoint(fresh, report.checkpoint)
+    x, _ = val.batch(0, 8)
+    assert np.array_equal(backend.predict(fresh, x), backend.predict(model, x))
+
+
+class _Payload:
+    """Unpickling this runs ``Path.touch`` on a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("damage", ["pickle", "garbage", "truncated"])
+def test_a_bad_checkpoint_file_is_refused_without_running_it(trained, tmp_path, damage):
+    backend, model, report = trained
+    path, marker = Path(report.checkpoint), tmp_path / "payload-ran"
+    data = path.read_bytes() if path.is_file() else b""
+    path.unlink() if path.is_file() else None
+    if damage == "pickle":
+        path.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
+    elif damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all\n" * 8)
+    else:
+        path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        backend.load_checkpoint(model, path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- export
+def test_onnx_export_is_verified_by_onnxruntime(trained, tmp_path):
+    from omegaconf import OmegaConf
+
+    from export import export_and_verify
+
+    backend, model, _ = trained
+    _, _, _, val = setup(backend.name, tmp_path / "data")
+    images, _ = val.batch(0, 8)
+    export_cfg = OmegaConf.create({"opset": 18, "verify": True, "batch_sizes": [1, 8],
+                                   "atol": 1e-4, "rtol": 1e-3, "min_top1_agreement": 1.0})
+    block, report = export_and_verify(backend, model, images, export_cfg, tmp_path / "m.onnx",
+                                      {"arch": "lenet5", "backend": backend.name}, None)
+    assert report.passed, block
+    assert (tmp_path / "m.onnx").exists()

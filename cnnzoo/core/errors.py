@@ -1,0 +1,58 @@
+"""Every error type of cnnzoo, in one module, and what each means to a user.
+
+``run.py`` shows any of them as ``error:`` lines (no traceback) and exits with the class's
+``exit_code``: 2 for input the user can fix (config values, data files, checkpoints, weights),
+1 for a run that did its work but whose result is not acceptable. Messages name the problem and
+the fix. ``ShapeError`` belongs to the spec layer below (an input too small for an
+architecture); it is listed here so that this module names every error."""
+from __future__ import annotations
+
+from architectures.spec import ShapeError
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+class BadInput(Exception):
+    """Something the user gave (config, data, checkpoint, weights) that cannot be used."""
+    exit_code = EXIT_BAD_INPUT
+
+
+class RunFailure(Exception):
+    """A run that finished its work with a result that is not acceptable."""
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(BadInput, ValueError):
+    """A config value that is invalid, or that this installation cannot do; every problem
+    found, one per line."""
+
+
+class DataError(BadInput, ValueError):
+    """A dataset that cannot be used with the chosen architecture or options."""
+
+
+class CheckpointError(BadInput, ValueError):
+    """A checkpoint that cannot or must not be loaded (wrong run, unsafe or damaged file)."""
+
+
+class WeightsError(BadInput, ValueError):
+    """A set of weights that does not fit the model: every problem, one per line."""
+
+
+class ExportError(RunFailure, RuntimeError):
+    """The exported model is invalid or could not be written."""
+
+
+class TrainingDiverged(RunFailure, RuntimeError):
+    """The loss became NaN or infinite; backends raise it at the end of the epoch it happened."""
+
+
+class RunFailed(RunFailure, RuntimeError):
+    """The run finished its work but its result is not acceptable (e.g. ONNX verification)."""
+
+
+BAD_INPUT = (BadInput, ShapeError)  # everything that exits with code 2
+
+__all__ = ["BAD_INPUT", "BadInput", "CheckpointError", "ConfigError", "DataError",
+           "EXIT_BAD_INPUT", "EXIT_FAILED", "ExportError", "RunFailed", "RunFailure",
+           "ShapeError", "TrainingDiverged", "WeightsError"]

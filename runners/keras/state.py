@@ -1,0 +1,132 @@
+"""Checkpoint files: what an epoch's folder holds, reading it back safely, exact resume.
+
+Each ``checkpoints/epoch-NNNN`` folder holds ``model.keras`` (``model.save``: architecture,
+weights and optimizer state with its step count) beside ``state.json``. Resuming compiles the
+model, builds its optimizer and lets ``model.load_weights`` restore weights and optimizer
+variables (``restore``). Loading a ``.keras`` file never runs code from it: ``check_archive``
+accepts only what ``model.save`` writes for a cnnzoo model, and Keras loads it with
+``safe_mode=True``.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from cnnzoo.core.errors import CheckpointError
+
+from .model import SpecModel, keras
+
+CHECKPOINT = "model.keras"  # in each checkpoints/epoch-NNNN folder
+
+_ARCHIVE = ("config.json", "metadata.json", "model.weights.h5")  # what model.save writes
+# Keras classes whose config carries code or loads another file
+_CODE_CLASSES = {"Lambda": "Python code", "__lambda__": "Python code",
+                 "TorchModuleWrapper": "Python code", "JaxLayer": "Python code",
+                 "FlaxLayer": "Python code", "TFSMLayer": "a SavedModel loaded from another path"}
+# the module of the registered cnnzoo layers, and its name before runners/keras/ was a package
+# (checkpoints written then name it; the classes are found by their registered names)
+_OWN_MODULES = (SpecModel.__module__, "runners.keras_model")
+
+
+def write_state(model, folder: Path) -> None:
+    """The full training state of the compiled ``model`` into an epoch's folder."""
+    model.save(Path(folder) / CHECKPOINT)
+
+
+def save_checkpoint(model, path: Path) -> None:
+    """``.keras``: the whole model (architecture, weights, optimizer state if compiled);
+    ``.weights.h5``: the weights only."""
+    path = Path(path)
+    if path.name.endswith(".weights.h5"):
+        model.save_weights(path)
+    elif path.suffix == ".keras":
+        model.save(path)
+    else:
+        raise ValueError(f"{path.name}: keras checkpoints end in .keras or .weights.h5")
+
+
+def load_checkpoint(model, path: Path) -> None:
+    """Weights from a ``.keras`` file (``load_safely``: a file with code is refused) or a
+    ``.weights.h5`` file (data only) into ``model``."""
+    path = Path(path)
+    if path.name.endswith(".weights.h5"):
+        model.load_weights(path)
+    else:
+        model.set_weights(load_safely(path).get_weights())
+
+
+def restore(model, path: Path, strategy) -> None:
+    """Weights and optimizer state (moments, step count) from a checkpoint into the compiled
+    ``model``: the optimizer is built first so that ``load_weights`` fills its variables. The
+    file is checked and loaded safely (``load_safely``) before."""
+    load_safely(path)  # refuses a file that would need code; discarded, read again below
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(path)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be loaded into this model: "
+                              f"{first_line(err)}") from None
+
+
+# --------------------------------------------------------------------------- safe loading
+def _refused(path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path}: refused: {reason}; only checkpoints written by cnnzoo "
+                           "are loaded")
+
+
+def check_archive(path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is what ``model.save`` writes for a cnnzoo
+    model: a zip of exactly config.json, metadata.json and model.weights.h5 whose config
+    names Keras' own classes and functions and cnnzoo's registered layers only (no Lambda or
+    other code, no other module). Nothing in the file is deserialized here."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(z.namelist())
+            if names != sorted(_ARCHIVE):
+                raise _refused(path, f"it holds {', '.join(names) or 'nothing'}, not exactly "
+                               f"{', '.join(_ARCHIVE)}")
+            config = json.loads(z.read("config.json"))
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise _refused(path, f"not a .keras archive ({type(err).__name__}: "
+                       f"{first_line(err)})") from None
+
+    def walk(node):
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            name, module = node.get("class_name"), node.get("module")
+            if name in _CODE_CLASSES:
+                raise _refused(path, f"its config holds a {name} ({_CODE_CLASSES[name]})")
+            if module is not None and not (
+                    module == "keras" or str(module).startswith("keras.")
+                    or (module == "builtins" and name == "function")
+                    or (module in _OWN_MODULES
+                        and str(node.get("registered_name")).startswith("cnnzoo>"))):
+                what = node.get("config") if name == "function" else name
+                raise _refused(path, f"its config names {module}.{what}, which is not part of "
+                               "Keras or cnnzoo")
+            for v in node.values():
+                walk(v)
+    walk(config)
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_safely(path: Path):
+    """The uncompiled model saved at ``path``, after ``check_archive``, with ``safe_mode=True``;
+    ``CheckpointError`` (one line) for a file that cannot or must not be loaded."""
+    path = Path(path)
+    check_archive(path)
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # noqa: BLE001 (Keras raises many kinds; all mean refused)
+        raise _refused(path, f"Keras cannot load it safely: {first_line(err)}") from None

@@ -1,0 +1,231 @@
+"""Training: ``model.fit`` over the input pipeline, with ``TrainingProtocol`` plugged in through
+a Keras callback.
+
+- Optimizers mean what torch's do where Keras allows (``cnnzoo.core.optim``): SGD (momentum,
+  Nesterov), Adam and RMSProp add ``weight_decay * w`` to the gradient, which Keras expresses as
+  an L2 regularizer of ``weight_decay / 2`` on every trainable weight (``build_model``; Keras'
+  own ``weight_decay`` argument is decoupled, which is torch's AdamW and is used for AdamW
+  only). Remaining differences: Keras' RMSProp adds ``eps`` inside the square root
+  (TensorFlow's and the Inception papers' RMSProp; torch adds it outside), Adam adds it after
+  bias-correcting the rate instead of the moment, and SGD's momentum holds ``lr * gradient``
+  (identical steps while the rate is constant). The learning rate is set at each epoch's start.
+- Exact resume: every generator the training draws from (Python, NumPy, each Dropout's
+  ``SeedGenerator``) is re-seeded at each epoch's start, the ``tf.data`` pipeline starts at the
+  checkpoint's epoch, and the optimizer state comes from the checkpoint (``state.restore``).
+  TensorFlow's global seed is set once at ``build``: nothing in the compiled step uses it, and
+  re-setting it would clear TensorFlow's kernel cache every epoch (``seed_generators``).
+- Divergence: ``SpecModel.loss_hook`` records the first non-finite training loss's step in a
+  variable inside the compiled step (``LossWatch``); it is read once per epoch, with the
+  metrics, and handed to the protocol, which stops the run.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from cnnzoo.core.errors import ConfigError
+from cnnzoo.core.optim import Optimizer, num_batches
+from cnnzoo.core.training import FirstBadStep, TrainingProtocol, TrainReport
+
+from . import state
+from .data import input_pipeline
+from .model import keras, tf
+
+
+def make_optimizer(o: Optimizer, policy: str | None):
+    if o.name == "sgd":
+        opt = keras.optimizers.SGD(o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    elif o.name == "adam":  # torch's eps (Keras' default is 1e-7)
+        opt = keras.optimizers.Adam(o.lr, epsilon=o.eps)
+    elif o.name == "rmsprop":  # torch's alpha is Keras' rho
+        opt = keras.optimizers.RMSprop(o.lr, rho=o.alpha, epsilon=o.eps, momentum=o.momentum)
+    else:  # adamw: Keras' decoupled decay is torch's AdamW: w -= lr * weight_decay * w
+        opt = keras.optimizers.AdamW(o.lr, weight_decay=o.weight_decay, epsilon=o.eps)
+    if policy == "mixed_float16":  # float16 gradients need loss scaling
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def coupled_weight_decay(o: Optimizer) -> float:
+    """The weight decay that becomes L2 regularization (torch's SGD/Adam/RMSprop meaning); AdamW
+    decays decoupled, inside the optimizer."""
+    return 0.0 if o.name == "adamw" else o.weight_decay
+
+
+# --------------------------------------------------------------------------- seeding, divergence
+class LossWatch:
+    """The first training step whose loss is NaN or infinite, kept on the device: ``update``
+    runs inside every compiled step (a few scalar ops, no host read) and records the 1-based
+    global step there (the optimizer's ``iterations`` + 1), once; ``first_bad`` reads it back,
+    once per epoch. Under MirroredStrategy each replica keeps its own copy (``ON_READ``) and
+    the earliest wins."""
+
+    def __init__(self, strategy, iterations):
+        self.strategy, self.iterations = strategy, iterations
+        with strategy.scope():
+            self.step = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                    name="first_bad_step",
+                                    synchronization=tf.VariableSynchronization.ON_READ,
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    def update(self, loss) -> None:
+        first = tf.logical_and(tf.logical_not(tf.math.is_finite(loss)), tf.equal(self.step, 0))
+        step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64) + 1
+        self.step.assign(tf.where(first, step, self.step))
+
+    def first_bad(self) -> int | None:
+        """The step of the first non-finite loss so far, or None."""
+        found = [int(s.numpy()) for s in self.strategy.experimental_local_results(self.step)]
+        return min((s for s in found if s), default=None)
+
+
+def seed_state_variables(model) -> list:
+    """The state variables of every ``SeedGenerator`` in ``model`` (each Dropout layer has its
+    own), in layer order."""
+    return [g.state for layer in model._flatten_layers(include_self=True, recursive=True)
+            for g in getattr(layer, "_seed_generators", ())]
+
+
+def seed_generators(seed: int, generators: list) -> None:
+    """Seed every ``SeedGenerator`` state from the epoch's ``seed`` (``TrainingProtocol.
+    start_epoch``): generator i starts from ``[SeedSequence([seed, i]), 0]`` (a variable
+    assignment: the compiled functions are untouched).
+
+    TensorFlow's global seed is set once, in ``build``, and never here: no op of the compiled
+    train or test step draws from it (Dropout runs stateless random ops keyed by its
+    ``SeedGenerator`` state; ``test_train_step_uses_no_global_tf_seed`` checks this), and
+    ``tf.random.set_seed`` clears TensorFlow's kernel cache, so every epoch would instantiate
+    and optimize the train and test functions again (ResNet-50: seconds per epoch)."""
+    for i, variable in enumerate(generators):
+        first = int(np.random.SeedSequence([seed, i]).generate_state(1)[0] & 0x7FFFFFFF)
+        variable.assign(np.array([first, 0], dtype=variable.dtype))
+
+
+# --------------------------------------------------------------------------- the callback
+class EpochCallback(keras.callbacks.Callback):
+    """``TrainingProtocol`` inside ``model.fit``: at each epoch's start the seeds and the
+    learning rate, validation timed apart, and at its end the means, the first non-finite step
+    and the checkpoint writer handed to ``end_epoch``."""
+
+    def __init__(self, protocol: TrainingProtocol, steps: int, images_per_epoch: int,
+                 outputs: list[str], aux_weight: float, watch: LossWatch, generators: list):
+        super().__init__()
+        self.protocol, self.steps, self.images_per_epoch = protocol, steps, images_per_epoch
+        self.watch, self.generators = watch, generators
+        # Keras prefixes metrics with the output's name when a model has several outputs
+        prefix = (lambda o: f"{o}_") if len(outputs) > 1 else (lambda o: "")
+        self.acc_key = f"{prefix(outputs[0])}acc"
+        self.ce_keys = [f"{prefix(o)}ce" for o in outputs]
+        self.aux_weight = aux_weight
+
+    def on_epoch_begin(self, epoch, logs=None):
+        seed_generators(self.protocol.start_epoch(epoch), self.generators)
+        self.lr = self.protocol.learning_rate(epoch)
+        self.model.optimizer.learning_rate = self.lr
+        self._steps_shown = 0
+
+    def on_test_begin(self, logs=None):
+        self.protocol.begin_validation()
+
+    def on_test_end(self, logs=None):
+        self.protocol.end_validation()
+
+    def _loss(self, logs: dict) -> float:
+        """torch's training loss: the logits' cross-entropy plus the weighted auxiliary ones
+        (Keras' own ``loss`` also holds the L2 penalty of the weight decay)."""
+        main, *aux = (logs[k] for k in self.ce_keys)
+        return float(main + self.aux_weight * sum(aux))
+
+    def on_epoch_end(self, epoch, logs=None):
+        means = {"train_loss": self._loss(logs), "train_acc": float(logs[self.acc_key])}
+        if f"val_{self.ce_keys[0]}" in logs:  # validation: the logits alone, as in inference
+            means["val_loss"] = float(logs[f"val_{self.ce_keys[0]}"])
+            means["val_acc"] = float(logs[f"val_{self.acc_key}"])
+        step, bad = self.watch.first_bad(), None
+        if step is not None:  # the epoch's loss says nan or inf (the weight decay alone: inf)
+            loss = means["train_loss"]
+            bad = FirstBadStep(step - epoch * self.steps, loss if not math.isfinite(loss)
+                               else math.inf)
+        self.protocol.end_epoch(epoch, means, self.images_per_epoch, self.lr, bad,
+                                lambda folder: state.write_state(self.model, folder))
+
+
+class LiveEpochCallback(EpochCallback):
+    """With a live terminal display: also reports every step. (A batch hook makes Keras read
+    the running metrics after each step, so it is installed only when something shows them.)"""
+
+    def on_train_batch_end(self, batch, logs=None):
+        # ``batch`` is the last step of the compiled call (steps_per_execution may be > 1)
+        done, self._steps_shown = batch + 1 - self._steps_shown, batch + 1
+        loss = self._loss(logs) if all(k in logs for k in self.ce_keys) else logs.get("loss")
+        self.protocol.step(done, lambda: {"loss": loss, "acc": logs.get(self.acc_key)})
+
+
+# --------------------------------------------------------------------------- fit
+def divisor_at_most(n: int, steps: int) -> int:
+    """The largest divisor of ``steps`` that is <= ``n``: a compiled call of several batches
+    stops only when it has run all of them, so it must never straddle two epochs."""
+    return max(d for d in range(1, max(1, min(n, steps)) + 1) if steps % d == 0)
+
+
+def steps_per_execution(cfg, devices: int) -> int:
+    """``backend.steps_per_execution``: auto is 16 on one device and 1 over several, where
+    more fails inside Keras 3.15's distributed step ("You must feed a value for placeholder
+    tensor ..."), so a number above 1 is refused there."""
+    wanted = cfg.backend.get("steps_per_execution", "auto")
+    if devices == 1:
+        return 16 if wanted == "auto" else wanted
+    if wanted not in ("auto", 1):
+        raise ConfigError(f"backend.steps_per_execution={wanted} does not work when keras "
+                          f"trains over {devices} devices (tf.distribute): use auto or 1")
+    return 1
+
+
+def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devices: int,
+        extra: dict) -> TrainReport:
+    """Compile ``model``, restore ``resume``'s state (if any) and train it to
+    ``trainer.max_epochs``; ``extra``: the report's hardware facts."""
+    outputs = list(model.output_names)
+    bs, max_epochs = cfg.data.batch_size, cfg.trainer.max_epochs
+    start = 0 if resume is None else resume.epoch
+    steps = num_batches(cfg.trainer.limit_train_batches, math.ceil(len(train) / bs))
+    val_steps = num_batches(cfg.trainer.limit_val_batches, math.ceil(len(val) / bs))
+    train_ds = input_pipeline(train, bs, cfg.seed, True, max_epochs, steps, start)
+    val_ds = input_pipeline(val, bs, cfg.seed, False, 1, val_steps)
+    if len(outputs) > 1:  # every head is trained on the same labels
+        copies = lambda x, y: (x, (y,) * len(outputs))  # noqa: E731
+        train_ds, val_ds = train_ds.map(copies), val_ds.map(copies)
+
+    def ce():
+        return keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")
+
+    with strategy.scope():
+        model.compile(
+            optimizer=make_optimizer(Optimizer.from_config(cfg.optim), policy),
+            loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * len(outputs),
+            loss_weights=[1.0] + [spec.aux_weight] * (len(outputs) - 1),
+            metrics=[[keras.metrics.SparseCategoricalAccuracy(name="acc"), ce()]]
+            + [[ce()] for _ in outputs[1:]],
+            jit_compile=cfg.backend.get("jit_compile", "auto"),
+            steps_per_execution=divisor_at_most(steps_per_execution(cfg, devices), steps))
+    if resume is not None:
+        state.restore(model, resume.file(state.CHECKPOINT), strategy)
+        if start >= max_epochs:  # nothing left to train
+            return TrainReport(history=[], train_time_s=0.0, images_per_s=0.0,
+                               checkpoint=resume.file(state.CHECKPOINT), extra=extra)
+    protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT)
+    watch = LossWatch(strategy, model.optimizer.iterations)
+    live = cfg.trainer.progress_bar and sys.stdout.isatty()  # as EpochProgress decides
+    callback = (LiveEpochCallback if live else EpochCallback)(
+        protocol, steps, min(steps * bs, len(train)), outputs, spec.aux_weight, watch,
+        seed_state_variables(model))
+    model.loss_hook = watch.update
+    try:
+        model.fit(train_ds, initial_epoch=start, epochs=max_epochs, steps_per_epoch=steps,
+                  validation_data=val_ds, callbacks=[callback], verbose=0, shuffle=False)
+    finally:
+        model.loss_hook = None
+        protocol.close()
+    return protocol.report(extra, checkpoint=resume.file(state.CHECKPOINT) if resume else None)

@@ -1,0 +1,84 @@
+"""PyTorch backend: the spec as an ``nn.Module`` (``model``), trained with PyTorch Lightning
+(``train``) on a DataLoader of the data layer's batches (``data``).
+
+Files: ``metrics.csv``, ``tensorboard/`` and ``checkpoints/epoch-NNNN/`` come from
+``cnnzoo.core.training.TrainingProtocol``; each epoch folder holds ``model.ckpt``, a Lightning
+checkpoint of the full training state (``state``), and resuming hands it to
+``Trainer.fit(ckpt_path=...)``. Every load is ``torch.load(weights_only=True)``: tensors and
+plain containers only, never code."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from cnnzoo.core.backend import Backend
+from cnnzoo.core.training import TrainReport
+
+from . import data, onnx, state
+from . import weights as canonical
+from .model import SpecModule
+from .train import check_gpus, fit
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        if cfg.hardware.threads:
+            torch.set_num_threads(cfg.hardware.threads)
+        self._trainer = None
+
+    @property
+    def is_main_process(self) -> bool:
+        if self._trainer is not None:
+            return self._trainer.is_global_zero
+        return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+    def build(self, spec, input_size):
+        pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        net = SpecModule(spec, input_size)
+        if self.cfg.backend.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def count_params(self, model) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def input_pipeline(self, split, shuffle: bool):
+        """A DataLoader of whole batches in ``epoch_order`` (``data.input_pipeline``);
+        ``loader.sampler.set_epoch`` picks the epoch."""
+        return data.input_pipeline(split, shuffle, self.cfg.data.batch_size, self.cfg.seed,
+                                   self.cfg.backend.num_workers)
+
+    def train(self, model, train, val, resume=None) -> TrainReport:
+        check_gpus(self.cfg.hardware)
+        train_loader, val_loader = self.input_pipeline(train, True), self.input_pipeline(val, False)
+        self._trainer, report = fit(self.cfg, self.run_dir, model, train_loader, val_loader,
+                                    resume)
+        return report
+
+    def predict(self, model, images: np.ndarray) -> np.ndarray:
+        model = model.cpu().float().eval()
+        with torch.inference_mode():
+            return model(torch.from_numpy(images)).numpy()
+
+    def save_checkpoint(self, model, path: Path) -> None:
+        """The model's weights alone (``state.save_weights``), readable by ``load_checkpoint``."""
+        state.save_weights(model, path)
+
+    def load_checkpoint(self, model, path: Path) -> None:
+        state.load_weights(model, path)
+
+    def get_weights(self, model) -> dict[str, np.ndarray]:
+        return canonical.get_weights(model)
+
+    def set_weights(self, model, weights: dict[str, np.ndarray]) -> None:
+        canonical.set_weights(model, weights)
+
+    def export_onnx(self, model, path: Path, example: np.ndarray, opset: int) -> None:
+        onnx.export_onnx(model, path, example, opset)

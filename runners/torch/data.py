@@ -1,0 +1,68 @@
+"""The input pipeline: a ``DataLoader`` of whole batches in the data layer's epoch order."""
+from __future__ import annotations
+
+import torch
+
+from cnnzoo.core.data import epoch_order
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The data layer's per-epoch order (``epoch_order``) cut into batches: each item is one
+    whole batch, ``(indices, epoch)``, which ``SplitBatches`` fetches with one vectorised
+    ``Split.take`` (no per-image ``__getitem__``, no collation). Lightning calls set_epoch;
+    the items carry the epoch, since an augmented split's images depend on it and DataLoader
+    worker processes never see set_epoch.
+
+    Under DDP Lightning wraps this sampler in its ``DistributedSamplerWrapper``, which deals
+    out whole batches: for training in an order of its own (a permutation seeded from the
+    run's seed and the epoch, so resumes and reruns repeat it), for validation in turn. Every
+    process then trains on ``data.batch_size`` images per step, so a step's global batch is
+    ``data.batch_size`` x processes, as with a per-image distributed sampler, and each batch
+    holds the same images as on one device. When the processes do not divide the number of
+    batches, the wrapper repeats a few whole batches (fewer than the processes) so that every
+    process takes the same number of steps; those repeats count in the epoch's means."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.seed, self.shuffle, self.epoch = n, batch_size, seed, \
+            shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order, epoch, bs = epoch_order(self.n, self.seed, self.epoch, self.shuffle), self.epoch, \
+            self.batch_size
+        return iter([(order[i:i + bs], epoch) for i in range(0, self.n, bs)])
+
+
+class SplitBatches(torch.utils.data.Dataset):
+    """A Split read batch by batch: the key is ``(indices, epoch)`` (``EpochBatches``), the
+    item the batch's images (N, C, H, W) float32 and labels int64, as tensors."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key):
+        indices, epoch = key
+        x, y = self.split.take(indices, epoch)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def input_pipeline(split, shuffle: bool, batch_size: int, seed: int, num_workers: int = 0):
+    """A DataLoader of whole batches (``EpochBatches``: one item per batch, so
+    ``batch_size=None``), the same batches in the same order as ``split.take`` of
+    ``epoch_order``; ``loader.sampler.set_epoch`` picks the epoch."""
+    if num_workers > 0:  # workers fork from here: they share the kept images, never copy them
+        split.fill_memory()
+    # a generator of its own: starting an iterator draws a seed, which from the global
+    # generator (dropout's) would shift its numbers differently in a resumed run
+    return torch.utils.data.DataLoader(
+        SplitBatches(split), batch_size=None, num_workers=num_workers,
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+        sampler=EpochBatches(len(split), batch_size, seed, shuffle))
