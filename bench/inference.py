@@ -57,8 +57,8 @@ def session(path: Path, threads: int, level: str):
 
 
 def measure(args: dict) -> list[Row]:
-    from cnnzoo.core.data.preprocess import to_layout
     from cnnzoo.app.experiment import build_model, prepare
+    from cnnzoo.core.data.preprocess import to_layout
     from export.check import session as product_session
 
     arch, name, size, threads = args["arch"], args["backend"], args["input_size"], args["threads"]

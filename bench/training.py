@@ -319,13 +319,13 @@ def _keras_fit_epochs(build, xs, y, args) -> list[float]:
     the preloaded batches as a tensor dataset, no callback but the clock; one warm-up epoch,
     then one epoch per repetition."""
     from runners.keras.model import keras, tf
-    from runners.keras.backend import _divisor_at_most
+    from runners.keras.train import divisor_at_most
 
     model, bs, steps = build(), args["batch"], args["steps"]
     data = tf.data.Dataset.from_tensor_slices((xs, y)).batch(bs).repeat()
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM), jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=_divisor_at_most(KERAS_STEPS_PER_CALL, steps))
+                  steps_per_execution=divisor_at_most(KERAS_STEPS_PER_CALL, steps))
 
     class Clock(keras.callbacks.Callback):
         def __init__(self):

@@ -1,6 +1,7 @@
 """End to end through ``python run.py``, as a user runs it: real subprocesses, real files."""
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def _install_plugin(site: Path, module: str, name: str, implementation: str, mod
     (dist / "entry_points.txt").write_text(f"[cnnzoo.backends]\n{name} = {module}:INFO\n")
 
 
+def _on_path(site: Path) -> dict:
+    """The environment with ``site`` first on PYTHONPATH (where the plugin is installed)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site),
+                                                         os.environ.get("PYTHONPATH")]))}
+
+
 def test_third_party_backend_plugs_in_through_entry_point_and_searchpath(cli, tmp_path):
     """An installed package with a cnnzoo.backends entry point and its own backend config: no
     hydra.searchpath on the command line, no edit to this repository."""
@@ -138,12 +145,12 @@ def test_third_party_backend_plugs_in_through_entry_point_and_searchpath(cli, tm
     (site / "mybackend" / "impl.py").write_text(
         "from runners.torch.backend import TorchBackend\n\n"
         "class MyBackend(TorchBackend):\n    name = 'mine'\n")
-    r = cli("task=summary", "arch=lenet5", "backend=mine", env={"PYTHONPATH": str(site)})
+    r = cli("task=summary", "arch=lenet5", "backend=mine", env=_on_path(site))
     assert r.returncode == 0, r.stderr
     assert "native mine parameters: 61,706" in r.stdout
     assert r.results()["backend"] == "mine"
     # its declared options are validated before its framework loads
-    bad = cli("backend=mine", "backend.num_workers=-1", env={"PYTHONPATH": str(site)})
+    bad = cli("backend=mine", "backend.num_workers=-1", env=_on_path(site))
     assert bad.returncode == 2 and bad.frameworks == set()
     assert bad.error_lines == ["error: backend.num_workers=-1 is invalid: expected an integer "
                                ">= 0"]
@@ -153,7 +160,7 @@ def test_a_backend_whose_framework_is_missing_names_its_install_command(cli, tmp
     site = tmp_path / "site"
     _install_plugin(site, "ghostbackend", "ghost", "ghostbackend.impl:Ghost",
                     ("no_such_framework_xyz",), "{}", "name: ghost\n")
-    r = cli("backend=ghost", env={"PYTHONPATH": str(site)})
+    r = cli("backend=ghost", env=_on_path(site))
     assert r.returncode == 2 and r.frameworks == set()
     assert r.error_lines == ["error: backend=ghost needs no_such_framework_xyz, which is not "
                              "installed: pip install ghostbackend"]

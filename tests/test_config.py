@@ -1,9 +1,10 @@
 """Config composition and validation (no framework involved)."""
 import pytest
+from conftest import compose_cfg, config_options
 from omegaconf import open_dict
 
-from cnnzoo.app.validate import ConfigError, validate
-from conftest import compose_cfg, config_options
+from cnnzoo.app.validate import validate
+from cnnzoo.core.errors import ConfigError
 
 GROUPS = ("arch", "backend", "hardware", "data", "optim")
 

@@ -662,7 +662,8 @@ def test_bad_data_is_one_line_and_exit_code_2(cli, tmp_path, case):
 def test_data_options_are_validated_one_line_each(overrides, line):
     from hydra.errors import MissingConfigException
 
-    from cnnzoo.app.validate import ConfigError, validate
+    from cnnzoo.app.validate import validate
+    from cnnzoo.core.errors import ConfigError
     try:
         cfg = compose_cfg(*overrides)
     except MissingConfigException as err:  # an unknown format: Hydra lists the options

@@ -86,7 +86,7 @@ def test_divergence_stops_naming_step_and_metric_and_keeps_last_good_checkpoint(
                                                                                 tmp_path):
     """One good epoch, then the same run resumed with an exploding learning rate."""
     from cnnzoo.app.experiment import build_model, prepare
-    from cnnzoo.core.backend import TrainingDiverged
+    from cnnzoo.core.errors import TrainingDiverged
 
     good = compose_cfg(f"backend={backend}", *RUN, "trainer.max_epochs=1", "arch.options.dropout=0",
                        "arch.options.activation=relu")

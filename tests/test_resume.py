@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from cnnzoo.core.checkpoints import (CheckpointDir, CheckpointError, epoch_seed, seed_python_numpy,
-                                weights_sha256)
-from cnnzoo.app.resume import prepare_run_dir, resume_point
-from cnnzoo.core.rundir import MetricsLog
 from conftest import compose_cfg
+
+from cnnzoo.app.resume import prepare_run_dir, resume_point
+from cnnzoo.core.checkpoints import CheckpointDir, epoch_seed, seed_python_numpy, weights_sha256
+from cnnzoo.core.errors import CheckpointError
+from cnnzoo.core.rundir import MetricsLog
 
 
 def _write(content: bytes):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import ROOT, compose_cfg
 from omegaconf import OmegaConf, open_dict
 
-from cnnzoo.app.validate import OTHER_CHECKS, ConfigError, markdown_table, rule_rows, validate
-from conftest import ROOT, compose_cfg
+from cnnzoo.app.validate import OTHER_CHECKS, markdown_table, rule_rows, validate
+from cnnzoo.core.errors import ConfigError
 
 ROWS = rule_rows(compose_cfg)
 # values tried in turn: the first one a rule rejects is its bad example

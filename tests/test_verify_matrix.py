@@ -9,8 +9,9 @@ from conftest import compose_cfg, toy_spec
 
 import architectures
 from cnnzoo.app.crosscheck import randomize_batch_norm, shared_weights
-from cnnzoo.app.validate import ConfigError, validate
+from cnnzoo.app.validate import validate
 from cnnzoo.core.backend import load_backend
+from cnnzoo.core.errors import ConfigError
 from cnnzoo.core.weights import (
     WeightsError,
     check_weights,

@@ -226,10 +226,7 @@ def _backend_errors(cfg: DictConfig) -> list[str]:
     if info is None:
         return [f"backend.name={name!r}: no such backend is installed; installed backends: "
                 f"{', '.join(available_backends()) or 'none'}"]
-    errors = [f"{key}={OmegaConf.select(cfg, key)} is not supported by backend={name}: use "
-              + " or ".join(f"{key}={v}" for v in allowed)
-              for key, allowed in info.limits.items()
-              if OmegaConf.select(cfg, key) not in allowed]
+    errors = info.unsupported(cfg)
     needs_framework = cfg.get("task") in FRAMEWORK_TASKS
     missing = info.missing_modules() if needs_framework else []
     if missing:

@@ -56,6 +56,15 @@ class BackendInfo:
     # in docs/validation.md; refused with a ConfigError when the backend starts)
     startup_checks: dict[str, str] = field(default_factory=dict)
 
+    def unsupported(self, cfg) -> list[str]:
+        """One line for each config value outside what this backend declares it supports
+        (``limits``), naming what to use instead."""
+        from omegaconf import OmegaConf
+
+        return [f"{key}={OmegaConf.select(cfg, key)} is not supported by backend={self.name}: use "
+                + " or ".join(f"{key}={v}" for v in allowed)
+                for key, allowed in self.limits.items() if OmegaConf.select(cfg, key) not in allowed]
+
     def missing_modules(self) -> list[str]:
         return [m for m in self.modules if importlib.util.find_spec(m) is None]
 

@@ -18,12 +18,17 @@ def _fmt(metrics: dict) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
 
 
+def is_live(enabled: bool, stream=None) -> bool:
+    """Whether the display is a live bar (an enabled display on a terminal)."""
+    return bool(enabled) and (stream or sys.stdout).isatty()
+
+
 class EpochProgress:
     def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool = True, stream=None):
         self.epochs, self.steps = epochs, steps_per_epoch
         self.enabled = enabled
         self.stream = stream or sys.stdout
-        self.live = enabled and self.stream.isatty()
+        self.live = is_live(enabled, self.stream)
         self._progress = self._task = None
         self._last_refresh = 0.0
 

@@ -30,7 +30,7 @@ from typing import Callable
 from .checkpoints import CheckpointDir, seed_python_numpy
 from .errors import TrainingDiverged
 from .optim import Optimizer
-from .progress import EpochProgress
+from .progress import EpochProgress, is_live
 from .rundir import MetricsLog
 from .tensorboard import ScalarWriter
 
@@ -43,12 +43,20 @@ class TrainReport:
     checkpoint: Path | None        # the last checkpoint written
     extra: dict = field(default_factory=dict)  # backend facts for results.json's hardware
 
+    @classmethod
+    def nothing_trained(cls, checkpoint: Path | None, extra: dict | None = None) -> TrainReport:
+        """A resume whose checkpoint is already at max_epochs, or a process that trained no
+        epoch itself (the parent of ddp_spawn's processes)."""
+        return cls(history=[], train_time_s=0.0, images_per_s=0.0, checkpoint=checkpoint,
+                   extra=extra or {})
+
 
 @dataclass(frozen=True)
 class FirstBadStep:
     """The epoch's first training step whose loss was NaN or infinite."""
     batch: int     # 1-based, within the epoch
-    loss: float    # its loss (NaN where another process found it)
+    loss: float    # its loss, or the best the backend knows (NaN where another process found
+                   # it; the epoch's non-finite mean, or inf, where only the step is known)
 
 
 class TrainingProtocol:
@@ -63,6 +71,8 @@ class TrainingProtocol:
         self.steps = steps_per_epoch
         self.show_progress = bool(cfg.trainer.progress_bar)
         self.checkpoints = CheckpointDir(run_dir)
+        if is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.metrics_log = MetricsLog(Path(run_dir) / "metrics.csv") if is_main else None
         self.board_dir, self.board = Path(run_dir) / "tensorboard", None
         self.progress: EpochProgress | None = None
@@ -70,6 +80,12 @@ class TrainingProtocol:
         self.train_time, self.images, self.saved = 0.0, 0, None
         self._t0 = self._v0 = None
         self._val_time = 0.0
+
+    @property
+    def live(self) -> bool:
+        """Whether the progress display is a live bar that wants ``step`` after every step
+        (a backend whose framework calls per-step hooks only when asked can skip them)."""
+        return is_live(self.show_progress and self.is_main)
 
     # ---------------------------------------------------------------- epoch start
     def learning_rate(self, epoch: int) -> float:

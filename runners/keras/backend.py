@@ -36,7 +36,6 @@ from .data import input_pipeline, to_nhwc, tune_malloc
 from .model import build_model, inference_model, keras, tf  # TensorFlow, imported quietly
 from .state import CHECKPOINT
 from .train import coupled_weight_decay, fit
-from .train import divisor_at_most as _divisor_at_most  # noqa: F401 (bench/training.py)
 
 __all__ = ["CHECKPOINT", "KerasBackend", "keras", "tf", "to_nhwc"]
 

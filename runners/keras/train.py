@@ -21,7 +21,6 @@ a Keras callback.
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
@@ -213,12 +212,10 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
     if resume is not None:
         state.restore(model, resume.file(state.CHECKPOINT), strategy)
         if start >= max_epochs:  # nothing left to train
-            return TrainReport(history=[], train_time_s=0.0, images_per_s=0.0,
-                               checkpoint=resume.file(state.CHECKPOINT), extra=extra)
+            return TrainReport.nothing_trained(resume.file(state.CHECKPOINT), extra)
     protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT)
     watch = LossWatch(strategy, model.optimizer.iterations)
-    live = cfg.trainer.progress_bar and sys.stdout.isatty()  # as EpochProgress decides
-    callback = (LiveEpochCallback if live else EpochCallback)(
+    callback = (LiveEpochCallback if protocol.live else EpochCallback)(
         protocol, steps, min(steps * bs, len(train)), outputs, spec.aux_weight, watch,
         seed_state_variables(model))
     model.loss_hook = watch.update

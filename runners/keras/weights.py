@@ -8,12 +8,19 @@ channels-first, so dense rows need no permutation. Pure numpy, apart from readin
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from cnnzoo.core.weights import (BATCHNORM, CONV, DENSE, check_weights, expected_shapes, key,
-                                 parametrised)
+from cnnzoo.core.weights import (
+    BATCHNORM,
+    CONV,
+    DENSE,
+    check_weights,
+    expected_shapes,
+    key,
+    parametrised,
+)
 
 from .model import keras
 

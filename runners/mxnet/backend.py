@@ -28,15 +28,13 @@ import numpy as np
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.errors import ConfigError
 
-from . import onnx, state
+from . import INFO, onnx, state
 from . import train as training
 from . import weights as native_weights
-from .compat import import_mxnet, patch_mxnet, physical_cores
+from .compat import import_mxnet, patch_mxnet
 from .data import EpochBatches
 
 patch_mxnet()  # numpy.bool and onnx.mapping, before mxnet is imported
-
-__all__ = ["MXNetBackend", "import_mxnet", "physical_cores"]
 
 
 class MXNetBackend(Backend):
@@ -48,17 +46,7 @@ class MXNetBackend(Backend):
         hw = cfg.hardware
         # what INFO.limits declares: the application refuses it first; a backend created
         # directly (tests, benchmarks) says the same here, with the context problems
-        errors = []
-        if hw.precision != "32-true":
-            errors.append(f"hardware.precision={hw.precision} is not supported by the mxnet "
-                          "backend: use hardware.precision=32-true")
-        if hw.get("num_nodes", 1) != 1:
-            errors.append(f"hardware.num_nodes={hw.num_nodes}: the mxnet backend trains on one "
-                          "machine (hardware.num_nodes=1)")
-        kvstore = cfg.backend.get("kvstore", "device")
-        if kvstore not in ("device", "local"):
-            errors.append(f"backend.kvstore={kvstore!r} is invalid: expected one of device, "
-                          "local")
+        errors = INFO.unsupported(cfg)
         self.mx = import_mxnet(hw.threads, cfg.trainer.deterministic)
         try:
             self.contexts = self._contexts()

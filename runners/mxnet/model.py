@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from runners.mxnet.compat import patch_mxnet
+from .compat import patch_mxnet
 
 patch_mxnet()  # before mxnet is imported: numpy.bool and onnx.mapping shims
 

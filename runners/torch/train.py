@@ -259,7 +259,7 @@ def fit(cfg, run_dir: Path, net: SpecModule, train_loader, val_loader, resume=No
     extra, checkpoint = {"device": str(trainer.strategy.root_device)}, \
         latest.file(CHECKPOINT) if latest else None
     if hooks.protocol is None:  # ddp_spawn: the protocols ran in the processes it started
-        return trainer, TrainReport([], 1e-9, 0.0, checkpoint, extra)
+        return trainer, TrainReport.nothing_trained(checkpoint, extra)
     return trainer, hooks.protocol.report(extra, checkpoint=checkpoint)
 
 
