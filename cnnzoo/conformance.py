@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import architectures
+from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder, Scale
 from cnnzoo.core.backend import Backend, backend_info
 from cnnzoo.core.checkpoints import CheckpointDir, weights_sha256
 from cnnzoo.core.errors import CheckpointError, TrainingDiverged, WeightsError
@@ -55,7 +56,7 @@ def compose(backend_name: str, *overrides: str):
     return cfg
 
 
-def setup(backend_name: str, run_dir: Path, *overrides: str):
+def small_run(backend_name: str, run_dir: Path, *overrides: str):
     """(backend, model, train split, val split) of a small run."""
     from cnnzoo.app.experiment import build_model, prepare
 
@@ -67,8 +68,29 @@ def setup(backend_name: str, run_dir: Path, *overrides: str):
 
 def train(backend_name: str, run_dir: Path, *overrides: str, resume=None):
     """Train a small run; (backend, model, TrainReport)."""
-    backend, model, train_split, val_split = setup(backend_name, run_dir, *overrides)
+    backend, model, train_split, val_split = small_run(backend_name, run_dir, *overrides)
     return backend, model, backend.train(model, train_split, val_split, resume)
+
+
+def toy_spec(num_classes=5, in_channels=3):
+    """Inception branches, a residual addition, grouped and depthwise-separable convolutions."""
+    g = GraphBuilder("toy", in_channels, num_classes, 32)
+    x = g.act(g.bn(g.conv(INPUT, 16, 3, stride=2, padding=1, bias=False, name="stem.conv"),
+                   eps=1e-3, name="stem.bn"), name="stem.relu")
+    b1 = g.conv(x, 8, 1, name="mixed.b1")
+    b2 = g.conv(g.conv(x, 8, 1, name="mixed.b2a"), 12, (1, 3), padding=(0, 1), name="mixed.b2b")
+    b3 = g.conv(g.max_pool(x, 3, 1, 1, name="mixed.b3pool"), 4, 1, name="mixed.b3")
+    x = g.concat(b1, b2, b3, name="mixed")                       # 8 + 12 + 4 = 24 channels
+    r = g.conv(x, 24, 3, padding=1, groups=4, bias=False, name="res.grouped")
+    r = g.add(Scale(0.17), r, name="res.scale")                  # Inception-ResNet style
+    x = g.act(g.sum(x, r, name="res.add"), name="res.relu")
+    x = g.conv(x, 24, 3, padding=1, groups=24, bias=False, name="sep.depthwise")
+    x = g.conv(x, 32, 1, bias=False, name="sep.pointwise")
+    x = g.avg_pool(x, 3, 2, 1, count_include_pad=False, name="pool")
+    x = g.flatten(g.add(GlobalAvgPool(), x, name="gap"), name="flat")
+    x = g.dropout(x, 0.2, name="drop")
+    g.dense(x, num_classes, name="fc")
+    return g.build()
 
 
 @pytest.fixture
@@ -104,7 +126,7 @@ def test_native_params_equal_the_spec(backend_name, tmp_path, arch, size):
 
 
 def test_canonical_weights_round_trip_exactly(backend_name, tmp_path):
-    backend, model, _, _ = setup(backend_name, tmp_path)
+    backend, model, _, _ = small_run(backend_name, tmp_path)
     weights = backend.get_weights(model)
     assert {k: v.shape for k, v in weights.items()} == expected_shapes(
         architectures.build_spec("lenet5", 4, 1), 32)
@@ -121,10 +143,15 @@ def test_canonical_weights_round_trip_exactly(backend_name, tmp_path):
 
 
 def test_predict_is_deterministic_float32_logits(backend_name, tmp_path):
-    backend, model, _, val = setup(backend_name, tmp_path)
-    x, _ = val.batch(0, 5)
+    """Every layer type of the spec (``toy_spec``), in inference mode: dropout off, batch norm
+    with its running statistics, so two calls agree bitwise; ``evaluate`` scores from it."""
+    backend, _, _, val = small_run(backend_name, tmp_path, "arch.in_channels=3")
+    model = backend.build(toy_spec(), 32)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     a, b = backend.predict(model, x), backend.predict(model, x)
-    assert a.shape == (5, 4) and a.dtype == np.float32 and np.array_equal(a, b)
+    assert a.shape == (4, 5) and a.dtype == np.float32 and np.array_equal(a, b)
+    scores = backend.evaluate(model, val)
+    assert scores["loss"] > 0 and 0 <= scores["acc"] <= 1
 
 
 # --------------------------------------------------------------------------- training
@@ -140,7 +167,7 @@ def test_training_writes_the_protocols_files(trained, tmp_path):
     assert latest.epoch == EPOCHS and latest.state["backend"] == backend.name
     assert report.checkpoint is not None and Path(report.checkpoint).exists()
     assert report.images_per_s > 0 and report.train_time_s > 0
-    scores = backend.evaluate(model, setup(backend.name, tmp_path / "other")[3])
+    scores = backend.evaluate(model, small_run(backend.name, tmp_path / "other")[3])
     assert {"loss", "acc", "per_class_acc", "confusion_matrix"} <= set(scores)
 
 
@@ -178,7 +205,7 @@ def test_resume_continues_to_the_uninterrupted_weights(backend_name, tmp_path, m
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(backend_name, tmp_path):
-    backend, model, train_split, val_split = setup(backend_name, tmp_path)
+    backend, model, train_split, val_split = small_run(backend_name, tmp_path)
     take = train_split.take
 
     def nan_in_epoch_2(indices, epoch=0):
@@ -198,7 +225,7 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(backend_na
 # --------------------------------------------------------------------------- checkpoint files
 def test_checkpoint_loads_into_a_fresh_model(trained, tmp_path):
     backend, model, report = trained
-    _, fresh, _, val = setup(backend.name, tmp_path / "fresh")
+    _, fresh, _, val = small_run(backend.name, tmp_path / "fresh")
     backend.load_checkpoint(fresh, report.checkpoint)
     x, _ = val.batch(0, 8)
     assert np.array_equal(backend.predict(fresh, x), backend.predict(model, x))
@@ -239,7 +266,7 @@ def test_onnx_export_is_verified_by_onnxruntime(trained, tmp_path):
     from export import export_and_verify
 
     backend, model, _ = trained
-    _, _, _, val = setup(backend.name, tmp_path / "data")
+    _, _, _, val = small_run(backend.name, tmp_path / "data")
     images, _ = val.batch(0, 8)
     export_cfg = OmegaConf.create({"opset": 18, "verify": True, "batch_sizes": [1, 8],
                                    "atol": 1e-4, "rtol": 1e-3, "min_top1_agreement": 1.0})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder, Scale
+from cnnzoo.conformance import toy_spec  # noqa: F401  (the tests' small all-layer-types spec)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("torch", "tensorflow", "keras", "mxnet", "pytorch_lightning", "onnx")
@@ -80,24 +80,3 @@ def config_options(group: str) -> list[str]:
         from cnnzoo.core.backend import usable_backends
         return usable_backends()
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-
-
-def toy_spec(num_classes=5, in_channels=3):
-    """Inception branches, a residual addition, grouped and depthwise-separable convolutions."""
-    g = GraphBuilder("toy", in_channels, num_classes, 32)
-    x = g.act(g.bn(g.conv(INPUT, 16, 3, stride=2, padding=1, bias=False, name="stem.conv"),
-                   eps=1e-3, name="stem.bn"), name="stem.relu")
-    b1 = g.conv(x, 8, 1, name="mixed.b1")
-    b2 = g.conv(g.conv(x, 8, 1, name="mixed.b2a"), 12, (1, 3), padding=(0, 1), name="mixed.b2b")
-    b3 = g.conv(g.max_pool(x, 3, 1, 1, name="mixed.b3pool"), 4, 1, name="mixed.b3")
-    x = g.concat(b1, b2, b3, name="mixed")                       # 8 + 12 + 4 = 24 channels
-    r = g.conv(x, 24, 3, padding=1, groups=4, bias=False, name="res.grouped")
-    r = g.add(Scale(0.17), r, name="res.scale")                  # Inception-ResNet style
-    x = g.act(g.sum(x, r, name="res.add"), name="res.relu")
-    x = g.conv(x, 24, 3, padding=1, groups=24, bias=False, name="sep.depthwise")
-    x = g.conv(x, 32, 1, bias=False, name="sep.pointwise")
-    x = g.avg_pool(x, 3, 2, 1, count_include_pad=False, name="pool")
-    x = g.flatten(g.add(GlobalAvgPool(), x, name="gap"), name="flat")
-    x = g.dropout(x, 0.2, name="drop")
-    g.dense(x, num_classes, name="fc")
-    return g.build()

@@ -2,10 +2,10 @@
 shapes, input-size handling, the torch module built from the spec, and the conf/arch yaml files."""
 import pytest
 import torch
+from conftest import ROOT, compose_cfg
 
 from architectures import ShapeError, arch_info, build_spec, list_archs
 from cnnzoo.app.validate import validate
-from conftest import ROOT, compose_cfg
 from runners.torch.model import SpecModule
 
 CONF = ROOT / "conf"

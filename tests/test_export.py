@@ -5,12 +5,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import compose_cfg, toy_spec
 from omegaconf import OmegaConf
 from onnx import numpy_helper
 
-from conftest import compose_cfg, toy_spec
 from export import export_and_verify, read_metadata
-from export.check import check_onnx as verify, compare
+from export.check import check_onnx as verify
+from export.check import compare
 from runners.torch.backend import TorchBackend
 
 

@@ -94,9 +94,9 @@ def test_predict_classifies_validation_images_at_the_models_accuracy(two_runs, t
     import json
 
     import numpy as np
+    from conftest import run_cli
 
     from cnnzoo.core.data import Preprocess, load_digits
-    from conftest import run_cli
     trained = two_runs[0]
     _, val = load_digits().split(Preprocess(32, 1, (0.5,), (0.5,)), 0.2, seed=42)
     folder = tmp_path / "images"

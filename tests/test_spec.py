@@ -1,9 +1,9 @@
 """The framework-neutral spec: shape inference, parameter and FLOP counts, errors."""
 import pytest
+from conftest import run_python, toy_spec
 
 from architectures import ShapeError, build_spec
 from architectures.spec import INPUT, AvgPool, Conv2d, GraphBuilder, MaxPool, output_shape, pair
-from conftest import run_python, toy_spec
 
 
 def test_lenet5_layers_and_counts():

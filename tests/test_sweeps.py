@@ -8,10 +8,9 @@ import time
 
 import optuna
 import pytest
+from conftest import ROOT
 from optuna.trial import TrialState
 from PIL import Image
-
-from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -190,8 +190,8 @@ def backend_info(name: str) -> BackendInfo:
         if ep.name == name:
             info = ep.load()
             if not isinstance(info, BackendInfo) or info.name != name:
-                raise TypeError(f"entry point '{name}' ({ep.value}) is not the BackendInfo of "
-                                f"backend '{name}'")
+                raise ConfigError(f"backend '{name}': its entry point {ep.value} must name the "
+                                  f"BackendInfo of backend '{name}' (README, Adding a backend)")
             return info
     raise ConfigError(f"backend '{name}' is not installed; installed backends: "
                       f"{', '.join(available_backends()) or 'none (pip install -e . first)'}")
