@@ -120,14 +120,12 @@ class TrainingProtocol:
     # ---------------------------------------------------------------- epoch end
     def end_epoch(self, epoch: int, means: dict, images: int, lr: float,
                   first_bad: FirstBadStep | None = None,
-                  write_state: Callable[[Path], None] | None = None,
-                  elapsed: float | None = None) -> dict:
+                  write_state: Callable[[Path], None] | None = None) -> dict:
         """Finish 0-based ``epoch``: ``means`` holds train_loss, train_acc and (after a
         validation) val_loss, val_acc, each a mean per image; ``images`` the training images
         of this epoch (every process's); ``write_state(folder)`` writes the training state.
-        ``elapsed``: the epoch's seconds where the backend measured them itself (default: since
-        ``start_epoch``). Raises TrainingDiverged before anything is written; returns the row."""
-        elapsed = time.perf_counter() - self._t0 if elapsed is None else elapsed
+        Raises TrainingDiverged before anything is written; returns the row."""
+        elapsed = time.perf_counter() - self._t0
         row = {"epoch": epoch + 1, **means, "lr": lr, "epoch_time_s": elapsed}
         self._check_divergence(epoch, row, first_bad)
         self.train_time += elapsed - self._val_time

@@ -167,7 +167,6 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
     val_batches = backend.input_pipeline(val, False, num_batches(
         c.trainer.limit_val_batches, math.ceil(len(val) / c.data.batch_size)))
 
-    backend.run_dir.mkdir(parents=True, exist_ok=True)
     protocol = TrainingProtocol(c, backend.run_dir, backend.name, len(train_batches),
                                 checkpoint_file=state.WEIGHTS_FILE)
     sums_block = step_sums(hybridize)
