@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.errors import BAD_INPUT, RunFailed, RunFailure, TrainingDiverged
+from ..core.errors import (BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILED, RunFailed, RunFailure,
+                           TrainingDiverged)
 from ..core.rundir import SCHEMA_VERSION, git_info, machine_info, package_versions, write_json
 from .experiment import build_model, make_backend, prepare, spec_of
 from .validate import validate
@@ -54,7 +55,7 @@ def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
         _print_error(error)
         return None
     _print_error(error)
-    sys.exit(getattr(error, "exit_code", 2 if isinstance(error, BAD_INPUT) else 1))
+    sys.exit(EXIT_BAD_INPUT if isinstance(error, BAD_INPUT) else EXIT_FAILED)
 
 
 def _share_cpu_threads(cfg: DictConfig, parallel_jobs: int | None) -> None:

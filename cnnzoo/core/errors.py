@@ -1,10 +1,11 @@
 """Every error type of cnnzoo, in one module, and what each means to a user.
 
-``run.py`` shows any of them as ``error:`` lines (no traceback) and exits with the class's
-``exit_code``: 2 for input the user can fix (config values, data files, checkpoints, weights),
-1 for a run that did its work but whose result is not acceptable. Messages name the problem and
-the fix. ``ShapeError`` belongs to the spec layer below (an input too small for an
-architecture); it is listed here so that this module names every error."""
+``run.py`` shows any of them as ``error:`` lines (no traceback) and exits with code 2
+(``EXIT_BAD_INPUT``: ``BAD_INPUT``, input the user can fix: config values, data files,
+checkpoints, weights) or 1 (``EXIT_FAILED``: a ``RunFailure``, a run that did its work but whose
+result is not acceptable). Messages name the problem and the fix. ``ShapeError`` belongs to
+the spec layer below (an input too small for an architecture); it is listed here so that this
+module names every error."""
 from __future__ import annotations
 
 from architectures.spec import ShapeError
@@ -14,12 +15,10 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 class BadInput(Exception):
     """Something the user gave (config, data, checkpoint, weights) that cannot be used."""
-    exit_code = EXIT_BAD_INPUT
 
 
 class RunFailure(Exception):
     """A run that finished its work with a result that is not acceptable."""
-    exit_code = EXIT_FAILED
 
 
 class ConfigError(BadInput, ValueError):
