@@ -8,7 +8,7 @@ Keras' ``fit``) or the backend writes it, calls one ``TrainingProtocol``:
         seed = protocol.start_epoch(epoch)     # Python and NumPy seeded; seed the framework
         ...train, calling protocol.step(1, running) per step...
         protocol.begin_validation(); ...validate...; protocol.end_validation()
-        protocol.end_epoch(epoch, means, images, first_bad, write_state)
+        protocol.end_epoch(epoch, means, images, lr, first_bad, write_state)
     return protocol.report(extra)
 
 ``end_epoch`` owns the rest, in this order: the divergence check and its message (nothing is
