@@ -11,8 +11,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.errors import (BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILED, RunFailed, RunFailure,
-                           TrainingDiverged)
+from ..core.errors import (
+    BAD_INPUT,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    RunFailed,
+    RunFailure,
+    TrainingDiverged,
+)
 from ..core.rundir import SCHEMA_VERSION, git_info, machine_info, package_versions, write_json
 from .experiment import build_model, make_backend, prepare, spec_of
 from .validate import validate
