@@ -203,18 +203,10 @@ def load_average() -> float | None:
 
 # --------------------------------------------------------------------------- configs
 def compose(*overrides: str):
-    """The experiment config run.py would see for these overrides (Hydra's compose API, as the
-    tests' ``compose_cfg``), validated by the product's own rules."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from cnnzoo.app.validate import validate
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    validate(cfg)
-    return cfg
+    """The experiment config run.py would see for these overrides, validated by the product's
+    own rules (``cnnzoo.app.experiment.compose``)."""
+    from cnnzoo.app.experiment import compose as compose_config
+    return compose_config(*overrides)
 
 
 def synthetic_data(train_images: int, batch: int, input_size: int) -> list[str]:

@@ -35,7 +35,6 @@ from cnnzoo.core.rundir import METRIC_COLUMNS, MetricsLog
 from cnnzoo.core.training import TrainingProtocol
 from cnnzoo.core.weights import expected_shapes
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EPOCHS, STEPS = 2, 3  # 64 synthetic images: 48 to train in 3 batches of 16, 16 to validate
 SMALL = ("arch=lenet5", "data=synthetic", "data.num_samples=64", "data.image_size=32",
          "data.channels=1", "data.num_classes=4", "data.batch_size=16", "data.val_fraction=0.25",
@@ -45,15 +44,9 @@ SMALL = ("arch=lenet5", "data=synthetic", "data.num_samples=64", "data.image_siz
 
 def compose(backend_name: str, *overrides: str):
     """The composed and validated config of a small run of ``backend_name``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from cnnzoo.app.experiment import compose as compose_config
 
-    from cnnzoo.app.validate import validate
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[f"backend={backend_name}", *SMALL, *overrides])
-    validate(cfg)
-    return cfg
+    return compose_config(f"backend={backend_name}", *SMALL, *overrides)
 
 
 def small_run(backend_name: str, run_dir: Path, *overrides: str):
@@ -93,9 +86,16 @@ def toy_spec(num_classes=5, in_channels=3):
     return g.build()
 
 
+def small_spec():
+    """The spec of the small run (LeNet-5 for SMALL's 4 classes of 1-channel 32x32 images)."""
+    return architectures.build_spec("lenet5", 4, 1)
+
+
 @pytest.fixture
 def trained(backend_name, tmp_path):
-    return train(backend_name, tmp_path / "run")
+    """(backend, model, TrainReport, validation split) of a small run."""
+    backend, model, train_split, val = small_run(backend_name, tmp_path / "run")
+    return backend, model, backend.train(model, train_split, val), val
 
 
 # --------------------------------------------------------------------------- the declaration
@@ -128,8 +128,7 @@ def test_native_params_equal_the_spec(backend_name, tmp_path, arch, size):
 def test_canonical_weights_round_trip_exactly(backend_name, tmp_path):
     backend, model, _, _ = small_run(backend_name, tmp_path)
     weights = backend.get_weights(model)
-    assert {k: v.shape for k, v in weights.items()} == expected_shapes(
-        architectures.build_spec("lenet5", 4, 1), 32)
+    assert {k: v.shape for k, v in weights.items()} == expected_shapes(small_spec(), 32)
     rng = np.random.default_rng(0)
     new = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
     backend.set_weights(model, new)
@@ -156,7 +155,7 @@ def test_predict_is_deterministic_float32_logits(backend_name, tmp_path):
 
 # --------------------------------------------------------------------------- training
 def test_training_writes_the_protocols_files(trained, tmp_path):
-    backend, model, report = trained
+    backend, model, report, val = trained
     run = tmp_path / "run"
     rows = MetricsLog(run / "metrics.csv").rows()
     assert [r["epoch"] for r in rows] == [1, 2] == [r["epoch"] for r in report.history]
@@ -167,7 +166,7 @@ def test_training_writes_the_protocols_files(trained, tmp_path):
     assert latest.epoch == EPOCHS and latest.state["backend"] == backend.name
     assert report.checkpoint is not None and Path(report.checkpoint).exists()
     assert report.images_per_s > 0 and report.train_time_s > 0
-    scores = backend.evaluate(model, small_run(backend.name, tmp_path / "other")[3])
+    scores = backend.evaluate(model, val)
     assert {"loss", "acc", "per_class_acc", "confusion_matrix"} <= set(scores)
 
 
@@ -223,9 +222,9 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(backend_na
 
 
 # --------------------------------------------------------------------------- checkpoint files
-def test_checkpoint_loads_into_a_fresh_model(trained, tmp_path):
-    backend, model, report = trained
-    _, fresh, _, val = small_run(backend.name, tmp_path / "fresh")
+def test_checkpoint_loads_into_a_fresh_model(trained):
+    backend, model, report, val = trained
+    fresh = backend.build(small_spec(), 32)
     backend.load_checkpoint(fresh, report.checkpoint)
     x, _ = val.batch(0, 8)
     assert np.array_equal(backend.predict(fresh, x), backend.predict(model, x))
@@ -243,7 +242,7 @@ class _Payload:
 
 @pytest.mark.parametrize("damage", ["pickle", "garbage", "truncated"])
 def test_a_bad_checkpoint_file_is_refused_without_running_it(trained, tmp_path, damage):
-    backend, model, report = trained
+    backend, model, report, _ = trained
     path, marker = Path(report.checkpoint), tmp_path / "payload-ran"
     data = path.read_bytes() if path.is_file() else b""
     path.unlink() if path.is_file() else None
@@ -265,8 +264,7 @@ def test_onnx_export_is_verified_by_onnxruntime(trained, tmp_path):
 
     from export import export_and_verify
 
-    backend, model, _ = trained
-    _, _, _, val = small_run(backend.name, tmp_path / "data")
+    backend, model, _, val = trained
     images, _ = val.batch(0, 8)
     export_cfg = OmegaConf.create({"opset": 18, "verify": True, "batch_sizes": [1, 8],
                                    "atol": 1e-4, "rtol": 1e-3, "min_top1_agreement": 1.0})

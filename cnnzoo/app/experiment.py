@@ -12,6 +12,24 @@ import architectures
 from ..core.backend import load_backend
 from ..core.errors import RunFailed
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # run.py's config (the checkout's)
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The config ``python run.py <overrides>`` would run, composed with Hydra's compose API
+    outside a Hydra app (tests, benchmarks, the conformance suite) and validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .validate import validate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
 
 def spec_of(cfg: DictConfig, num_classes: int | None = None):
     """The spec of ``cfg.arch`` (``num_classes`` None: the configured count)."""

@@ -319,11 +319,10 @@ def markdown_table(compose) -> str:
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     from hydra import compose as _compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"),
-                               version_base="1.3"):
+    from .experiment import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         print(markdown_table(lambda *o: _compose("config", overrides=list(o))), end="")

@@ -73,6 +73,17 @@ def expected_shapes(spec: S.Spec, input_size: int) -> dict[str, tuple[int, ...]]
     return shapes
 
 
+def float32_copy(value) -> np.ndarray:
+    """A framework's array as a canonical one: float32, C-contiguous, and a copy (changing it
+    leaves the model alone)."""
+    return np.array(value, dtype=np.float32, order="C", copy=True)
+
+
+def float32_contiguous(value) -> np.ndarray:
+    """A canonical array as a framework takes it: float32 and C-contiguous."""
+    return np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+
+
 def check_weights(weights: dict, expected: dict[str, tuple[int, ...]], what: str = "weights"):
     """Raise WeightsError naming every missing, unexpected, mis-shaped or non-float key."""
     missing = [k for k in expected if k not in weights]

@@ -18,6 +18,8 @@ from cnnzoo.core.weights import (
     DENSE,
     check_weights,
     expected_shapes,
+    float32_contiguous,
+    float32_copy,
     key,
     parametrised,
 )
@@ -49,7 +51,7 @@ def to_native(kind: str, param: str, value: np.ndarray) -> np.ndarray:
     value = np.asarray(value, dtype=np.float32)
     if param == "weight" and kind in _KERNEL:
         value = _KERNEL[kind][0](value)
-    return np.ascontiguousarray(value)
+    return float32_contiguous(value)
 
 
 def to_canonical(kind: str, param: str, value: np.ndarray) -> np.ndarray:
@@ -57,7 +59,7 @@ def to_canonical(kind: str, param: str, value: np.ndarray) -> np.ndarray:
     value = np.asarray(value, dtype=np.float32)
     if param == "weight" and kind in _KERNEL:
         value = _KERNEL[kind][1](value)
-    return np.array(value, dtype=np.float32, order="C", copy=True)
+    return float32_copy(value)
 
 
 def parameters(model, spec) -> Iterator[tuple[str, str, str, object]]:

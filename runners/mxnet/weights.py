@@ -9,7 +9,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cnnzoo.core.weights import BATCHNORM, check_weights, expected_shapes, key, parametrised
+from cnnzoo.core.weights import (
+    BATCHNORM,
+    check_weights,
+    expected_shapes,
+    float32_contiguous,
+    float32_copy,
+    key,
+    parametrised,
+)
 
 BN_NAMES = {"weight": "gamma", "bias": "beta"}
 
@@ -17,16 +25,6 @@ BN_NAMES = {"weight": "gamma", "bias": "beta"}
 def native_name(kind: str, param: str) -> str:
     """Gluon's attribute name for canonical parameter ``param`` of a layer of ``kind``."""
     return BN_NAMES.get(param, param) if kind == BATCHNORM else param
-
-
-def to_native(value: np.ndarray) -> np.ndarray:
-    """A canonical array as Gluon takes it (float32, contiguous; same layout)."""
-    return np.ascontiguousarray(np.asarray(value, dtype=np.float32))
-
-
-def to_canonical(value: np.ndarray) -> np.ndarray:
-    """A Gluon array as a canonical float32 array (a copy, contiguous)."""
-    return np.array(value, dtype=np.float32, order="C", copy=True)
 
 
 def parameters(model) -> Iterator[tuple[str, object]]:
@@ -38,7 +36,7 @@ def parameters(model) -> Iterator[tuple[str, object]]:
 
 
 def get_weights(model) -> dict[str, np.ndarray]:
-    return {k: to_canonical(param.list_data()[0].asnumpy()) for k, param in parameters(model)}
+    return {k: float32_copy(param.list_data()[0].asnumpy()) for k, param in parameters(model)}
 
 
 def set_weights(mx, model, weights: dict[str, np.ndarray]) -> None:
@@ -46,4 +44,4 @@ def set_weights(mx, model, weights: dict[str, np.ndarray]) -> None:
     them in place on every context each parameter lives on (a hybridized graph sees them)."""
     check_weights(weights, expected_shapes(model.spec, model.input_size))
     for k, param in parameters(model):
-        param.set_data(mx.nd.array(to_native(weights[k]), dtype=np.float32))
+        param.set_data(mx.nd.array(float32_contiguous(weights[k]), dtype=np.float32))

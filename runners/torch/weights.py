@@ -10,7 +10,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cnnzoo.core.weights import check_weights, expected_shapes, key, parametrised
+from cnnzoo.core.weights import (
+    check_weights,
+    expected_shapes,
+    float32_contiguous,
+    float32_copy,
+    key,
+    parametrised,
+)
 
 
 def parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -22,13 +29,11 @@ def parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def get_weights(model) -> dict[str, np.ndarray]:
-    return {k: np.array(t.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
-            for k, t in parameters(model)}
+    return {k: float32_copy(t.detach().cpu().numpy()) for k, t in parameters(model)}
 
 
 def set_weights(model, weights: dict[str, np.ndarray]) -> None:
     check_weights(weights, expected_shapes(model.spec, model.input_size))
     with torch.no_grad():  # copy_ keeps each tensor's device and memory format
         for k, t in parameters(model):
-            value = np.ascontiguousarray(np.asarray(weights[k], dtype=np.float32))
-            t.copy_(torch.from_numpy(value))
+            t.copy_(torch.from_numpy(float32_contiguous(weights[k])))
