@@ -2,6 +2,8 @@
 refusals, the metrics log continued, the weights hash."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from conftest import compose_cfg
@@ -22,7 +24,8 @@ def test_each_save_replaces_the_previous_epoch_folder(tmp_path):
     ckpts.save(1, _write(b"one"), {"backend": "torch"})
     ckpts.save(2, _write(b"two"), {"backend": "torch"})
     latest = ckpts.latest()
-    assert (latest.epoch, latest.state) == (2, {"epoch": 2, "backend": "torch"})
+    assert (latest.epoch, latest.state["backend"]) == (2, "torch")
+    assert latest.state["files"] == {"model.bin": hashlib.sha256(b"two").hexdigest()}
     assert latest.file("model.bin").read_bytes() == b"two"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002"]
 
@@ -45,10 +48,30 @@ def test_a_folder_left_by_a_kill_is_ignored_and_replaced(tmp_path):
     ckpts = CheckpointDir(tmp_path)
     ckpts.save(1, _write(b"good"))
     (tmp_path / "checkpoints" / ".epoch-0002.tmp").mkdir()  # SIGKILL while writing epoch 2
-    (tmp_path / "checkpoints" / "epoch-0003").mkdir()       # no state.json: not complete
     assert ckpts.latest().epoch == 1
     ckpts.save(2, _write(b"next"))
     assert ckpts.latest().epoch == 2 and not (tmp_path / "checkpoints" / ".epoch-0002.tmp").exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: (f / "state.json").write_text("{not json"), "state.json cannot be read"),
+    (lambda f: (f / "state.json").unlink(), "state.json is missing"),
+    (lambda f: (f / "model.bin").write_bytes(b"nexT"), "model.bin is not the file that was saved"),
+    (lambda f: (f / "model.bin").unlink(), "model.bin is missing"),
+])
+def test_a_damaged_folder_is_refused_naming_the_file_and_the_older_intact_one(tmp_path, damage,
+                                                                               problem):
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    ckpts.save(1, _write(b"good"))
+    newest = ckpts.save(2, _write(b"next"))
+    damage(newest)
+    with pytest.raises(CheckpointError) as err:
+        ckpts.latest()
+    assert str(err.value) == (f"checkpoint {newest} is damaged: {problem}" + (
+        " (its SHA-256 differs)" if "saved" in problem else "") + ("" if "read" not in problem
+        else " (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))")
+        + "; delete epoch-0002 to resume from epoch-0001, or keep this run as it is and train "
+        "in another hydra.run.dir")
 
 
 def test_epoch_seeds_are_a_function_of_seed_and_epoch():

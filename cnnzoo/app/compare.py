@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import sys
 from pathlib import Path
 
-from ..core.rundir import MetricsLog
+from ..core.errors import BAD_INPUT, DataError, exit_with
+from ..core.rundir import MetricsLog, read_json
 from .report import integer_ticks, pyplot
 
+_LEAVE_OUT = "restore it, or leave that run out"
 COLUMNS = ("run", "arch", "backend", "status", "params", "best_val_acc", "val_acc", "val_loss",
            "train_s", "images_per_s", "onnx", "max_abs_diff", "path")
 
@@ -31,7 +31,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
         else:
             found = sorted((p.parent for p in path.rglob("results.json")), key=_natural)
             if not found:
-                raise SystemExit(f"error: {path} holds no run (no results.json found below it)")
+                raise DataError(f"{path} holds no run (no results.json found below it)")
             runs += found
     return runs
 
@@ -41,7 +41,7 @@ def _natural(path: Path):
 
 
 def row(run: Path, label: str) -> dict:
-    res = json.loads((run / "results.json").read_text())
+    res = read_json(run / "results.json", _LEAVE_OUT)
     m, t, e = res.get("metrics", {}), res.get("timings", {}), res.get("export") or {}
     fmt = lambda v, spec=".4f": "" if v is None else format(v, spec)  # noqa: E731
     return {"run": label, "arch": res.get("arch"), "backend": res.get("backend"),
@@ -57,7 +57,7 @@ def labels(runs: list[Path]) -> list[str]:
     """arch/backend, plus the directory name where that alone is ambiguous."""
     base = []
     for run in runs:
-        res = json.loads((run / "results.json").read_text())
+        res = read_json(run / "results.json", _LEAVE_OUT)
         base.append(f"{res.get('arch')}/{res.get('backend')}")
     return [b if base.count(b) == 1 else f"{b} ({r.name})" for b, r in zip(base, runs)]
 
@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="where comparison.* go")
     args = p.parse_args(argv)
     missing = [str(x) for x in args.paths if not x.is_dir()]
-    if missing:
-        sys.exit(f"error: not a directory: {', '.join(missing)}")
-    compare(args.paths, args.out)
+    try:
+        if missing:
+            raise DataError(f"not a directory: {', '.join(missing)}: give run directories or a "
+                            "multirun directory")
+        compare(args.paths, args.out)
+    except BAD_INPUT as err:
+        exit_with(err)
 
 
 if __name__ == "__main__":

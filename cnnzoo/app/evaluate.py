@@ -1,7 +1,7 @@
 """``task=eval``: evaluate a trained run's checkpoint on its validation split (or other data).
 
     python run.py task=eval eval.run_dir=outputs/lenet5-torch/<run>
-    python run.py task=eval eval.run_dir=<run> data=mnist data.path=~/data/mnist
+    python run.py task=eval eval.run_dir=<run> data=mnist data.path=$HOME/data/mnist
 
 The trained run's resolved config (config.yaml) rebuilds the same architecture, backend and
 preprocessing; ``data`` and ``hardware`` come from the command line when given there. Writes
@@ -9,14 +9,15 @@ eval.json (loss, accuracy, per-class accuracy, confusion matrix) and confusion_m
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ..core.checkpoints import CheckpointDir
 from ..core.errors import ConfigError
-from ..core.rundir import write_json
+from ..core.rundir import read_json, write_json
 from .experiment import build_model, prepare
+from .resume import saved_config
 from .validate import validate
 
 _FROM_COMMAND_LINE = ("data", "hardware")
@@ -30,7 +31,8 @@ def trained_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
             src / "results.json").is_file():
         raise ConfigError(f"eval.run_dir={cfg.eval.run_dir!r} is not a finished training run "
                           "(needs config.yaml and results.json): give a run directory of task=train")
-    saved = OmegaConf.load(src / "config.yaml")
+    fix = "restore it, or evaluate another run"
+    saved = saved_config(src / "config.yaml", fix)
     trained = cfg.copy()
     for key in ("arch", "backend", "seed"):
         trained[key] = saved[key]
@@ -38,7 +40,8 @@ def trained_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
         if not any(o.startswith((f"{key}=", f"{key}.")) for o in overrides):
             trained[key] = saved[key]
     validate(trained)
-    checkpoint = json.loads((src / "results.json").read_text()).get("checkpoint")
+    checkpoint = read_json(src / "results.json", fix).get("checkpoint")
+    CheckpointDir(src).latest()  # a damaged checkpoint folder is named, not loaded
     if not checkpoint or not (src / checkpoint).is_file():
         raise ConfigError(f"eval.run_dir={src}: its checkpoint {checkpoint!r} is missing")
     return trained, src / checkpoint

@@ -16,6 +16,8 @@ from ..core.errors import CheckpointError
 from ..core.rundir import MetricsLog
 from .experiment import flatten
 
+_OTHER_DIR = "restore it, or train in another hydra.run.dir"  # the fix for damaged state
+
 # keys whose values may change between the first attempt and a resumed one
 _FREE = ("task", "resume", "export", "tracking", "eval", "predict", "verify", "sweep",
          "trainer.progress_bar", "hardware.threads")
@@ -38,11 +40,23 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
     saved = Path(run_dir) / "config.yaml"
     if saved.is_file():
         problems += [f"{k}: the run was started with {a!r}, now {b!r}"
-                     for k, a, b in config_changes(OmegaConf.load(saved), cfg)]
+                     for k, a, b in config_changes(saved_config(saved, _OTHER_DIR), cfg)]
+    metrics = Path(run_dir) / "metrics.csv"
+    if metrics.is_file():
+        MetricsLog(metrics).rows()  # the resumed run continues it: damaged, it is refused now
     if problems:
         raise CheckpointError("cannot resume " + str(run_dir) + ": " + "; ".join(problems)
                               + "; use the run's own settings, or another hydra.run.dir")
     return latest
+
+
+def saved_config(path: Path, fix: str) -> DictConfig:
+    """The ``config.yaml`` a run saved; CheckpointError naming it and ``fix`` when damaged."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001  yaml and OmegaConf raise many types
+        raise CheckpointError(f"{path} cannot be read ({str(err).splitlines()[0]}): {fix}") \
+            from None
 
 
 def config_changes(before: DictConfig, now: DictConfig) -> list[tuple[str, object, object]]:
@@ -66,5 +80,5 @@ def _is_free(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in _FREE)
 
 
-__all__ = ["CheckpointError", "resume_point", "config_changes",
-           "prepare_run_dir"]
+__all__ = ["CheckpointError", "config_changes", "prepare_run_dir", "resume_point",
+           "saved_config"]

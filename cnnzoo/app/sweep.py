@@ -9,7 +9,6 @@ failed. Heavy imports (matplotlib, rich) happen only then.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -18,6 +17,9 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from ..core.errors import CheckpointError
+from ..core.rundir import read_json
 
 COLUMNS = ("trial", "status", "objective", "val_acc", "val_loss", "train_loss", "time_s",
            "overrides", "error")
@@ -50,7 +52,10 @@ def read_trials(sweep_dir: Path) -> list[Trial]:
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         results_file = job / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.exists() else {}
+        try:
+            results = read_json(results_file, "restore it") if results_file.exists() else {}
+        except CheckpointError as err:  # one damaged trial must not hide the others
+            results = {"status": "failed", "error": str(err)}
         trials.append(Trial(int(job.name), overrides or [], results.get("status", "incomplete"),
                             results.get("metrics", {}), results.get("timings", {}).get("total_s"),
                             results.get("error", "")))

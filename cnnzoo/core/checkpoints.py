@@ -8,6 +8,9 @@
   is seeded from ``epoch_seed(seed, e)``, and the data order is already a function of (seed,
   epoch). A resumed run therefore needs no saved generator state to continue exactly as an
   uninterrupted one (fairseq seeds per update the same way).
+- ``state.json`` lists every other file of its folder with its SHA-256; ``latest`` checks them,
+  so a damaged or missing file is refused (``CheckpointError``) before anything is loaded or
+  written, never mistaken for "no checkpoint" (which would train again over the run).
 - ``weights_sha256`` hashes a model's canonical weights (``Backend.get_weights``): equal hashes
   mean bitwise-equal weights, whatever the backend's own file format.
 """
@@ -19,11 +22,13 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from .errors import CheckpointError
 
 STATE_FILE = "state.json"
 _FOLDER = re.compile(r"^epoch-(\d{4,})$")
@@ -55,8 +60,10 @@ class CheckpointDir:
         tmp.mkdir()
         try:
             write(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, **(state or {})},
-                                                     indent=2) + "\n")
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*"))
+                     if p.is_file()}
+            (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, **(state or {}),
+                                                      "files": files}, indent=2) + "\n")
             _fsync_tree(tmp)
             if final.exists():  # the same epoch again (a re-run): the old copy goes first
                 shutil.rmtree(final)
@@ -74,14 +81,20 @@ class CheckpointDir:
         return final
 
     def latest(self) -> Checkpoint | None:
-        """The newest complete epoch folder, or None."""
-        for epoch, path in reversed(self._folders()):
-            try:
-                state = json.loads((path / STATE_FILE).read_text())
-            except (OSError, ValueError):
-                continue  # not complete (cannot happen through save) or damaged: an older one
-            return Checkpoint(path, epoch, state)
-        return None
+        """The newest epoch folder, checked against its ``state.json``, or None when there is
+        none; a damaged one raises CheckpointError naming the file and the ways out."""
+        folders = self._folders()
+        if not folders:
+            return None
+        epoch, path = folders[-1]
+        problem = _damage(path, epoch)
+        if problem:
+            older = [p.name for e, p in folders[:-1] if not _damage(p, e)]
+            way = (f"delete {path.name} to resume from {older[-1]}" if older
+                   else "delete the checkpoints folder to train from the start")
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {way}, or keep "
+                                  "this run as it is and train in another hydra.run.dir")
+        return Checkpoint(path, epoch, json.loads((path / STATE_FILE).read_text()))
 
     def _folders(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -114,6 +127,30 @@ def weights_sha256(weights: dict[str, np.ndarray]) -> str:
         h.update(f"{name}|{w.dtype.str}|{w.shape}|".encode())
         h.update(w.tobytes())
     return h.hexdigest()
+
+
+def _damage(folder: Path, epoch: int) -> str | None:
+    """What is wrong with an epoch folder, or None when every file is as ``save`` wrote it."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} cannot be read ({err})"
+    if not isinstance(state, dict) or state.get("epoch") != epoch:
+        return f"{STATE_FILE} does not describe epoch {epoch}"
+    for name, digest in state.get("files", {}).items():  # absent in earlier versions' checkpoints
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} is not the file that was saved (its SHA-256 differs)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:

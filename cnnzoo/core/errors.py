@@ -8,6 +8,9 @@ the spec layer below (an input too small for an architecture); it is listed here
 module names every error."""
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 from architectures.spec import ShapeError
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -31,7 +34,8 @@ class DataError(BadInput, ValueError):
 
 
 class CheckpointError(BadInput, ValueError):
-    """A checkpoint that cannot or must not be loaded (wrong run, unsafe or damaged file)."""
+    """A run's saved state (checkpoint, config, metrics, results) that cannot or must not be
+    loaded: another run's, unsafe, or damaged."""
 
 
 class WeightsError(BadInput, ValueError):
@@ -52,6 +56,19 @@ class RunFailed(RunFailure, RuntimeError):
 
 BAD_INPUT = (BadInput, ShapeError)  # everything that exits with code 2
 
+
+def print_error(err: Exception | str) -> None:
+    """``err`` as ``error:`` lines on stderr, one per problem."""
+    for line in str(err).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+
+
+def exit_with(err: Exception) -> NoReturn:
+    """Show ``err`` and exit with its code: 2 for input the user can fix, else 1."""
+    print_error(err)
+    sys.exit(EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILED)
+
+
 __all__ = ["BAD_INPUT", "BadInput", "CheckpointError", "ConfigError", "DataError",
            "EXIT_BAD_INPUT", "EXIT_FAILED", "ExportError", "RunFailed", "RunFailure",
-           "ShapeError", "TrainingDiverged", "WeightsError"]
+           "ShapeError", "TrainingDiverged", "WeightsError", "exit_with", "print_error"]

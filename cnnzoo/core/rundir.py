@@ -12,6 +12,8 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .errors import CheckpointError
+
 # one set of column names for every backend
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
 # the distributions every run records; each backend adds its own (BackendInfo.packages)
@@ -39,6 +41,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON file of a run directory; CheckpointError naming the file and ``fix`` when it is
+    damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}): {fix}") from None
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
@@ -57,10 +68,20 @@ class MetricsLog:
             csv.writer(f).writerow([_fmt(row.get(c)) for c in METRIC_COLUMNS])
 
     def rows(self) -> list[dict]:
-        """The rows written so far, numbers as floats (epoch as int)."""
+        """The rows written so far, numbers as floats (epoch as int); CheckpointError when the
+        file is damaged (a resumed run continues it)."""
         with self.path.open(newline="") as f:
-            return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""}
-                    for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            try:
+                rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()
+                         if v != ""} for r in reader]
+                if any("epoch" not in r for r in rows):
+                    raise ValueError("a row without an epoch")
+                return rows
+            except (ValueError, TypeError, csv.Error) as err:
+                raise CheckpointError(f"{self.path} is damaged at line {reader.line_num} "
+                                      f"({err}): restore it, or train in another "
+                                      "hydra.run.dir") from None
 
     def keep_epochs(self, epochs: int) -> None:
         """Drop the rows after epoch ``epochs`` (a resumed run redoes those epochs), atomically."""
