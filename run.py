@@ -15,4 +15,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    from cnnzoo.app.cli import run_main  # user mistakes Hydra finds: one line, exit 2
+
+    run_main(main)

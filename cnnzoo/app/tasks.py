@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -13,13 +12,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core.errors import (
     BAD_INPUT,
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
+    ConfigError,
     RunFailed,
     RunFailure,
     TrainingDiverged,
+    exit_with,
+    print_error,
 )
-from ..core.rundir import SCHEMA_VERSION, git_info, machine_info, package_versions, write_json
+from ..core.rundir import (
+    SCHEMA_VERSION,
+    atomic_write_bytes,
+    git_info,
+    machine_info,
+    package_versions,
+    read_json,
+    write_json,
+)
 from .experiment import build_model, make_backend, prepare, spec_of
 from .validate import validate
 
@@ -36,19 +44,14 @@ def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
-        if cfg.task == "summary":
-            backend_chosen = any(o.startswith("backend=") for o in hydra_cfg.overrides.task)
-            return summary(cfg, run_dir, build_native=backend_chosen)
-        if cfg.task == "predict":
-            return predict_task(cfg, run_dir)
-        if cfg.task == "eval":
-            from .evaluate import evaluate
-            return evaluate(cfg, run_dir, list(hydra_cfg.overrides.task))
-        _share_cpu_threads(cfg, hydra_cfg.launcher.get("n_jobs") if in_sweep else None)
-        if cfg.task == "verify":
-            from .crosscheck import verify_task
-            return verify_task(cfg, run_dir)
-        return train(cfg, run_dir, list(hydra_cfg.overrides.task))
+        _check_same_task(cfg, run_dir)
+        if cfg.task in ("train", "verify"):
+            _share_cpu_threads(cfg, hydra_cfg.launcher.get("n_jobs") if in_sweep else None)
+        if cfg.task == "train":
+            return train(cfg, run_dir, hydra_cfg)  # records the invocation when it starts writing
+        value = _run_other_task(cfg, run_dir, hydra_cfg)
+        record_invocation(run_dir, cfg, hydra_cfg)
+        return value
     except BAD_INPUT + (RunFailure,) as err:
         error = err
     except Exception as err:  # noqa: BLE001  a crash: a sweep records it, a single run shows it
@@ -56,12 +59,45 @@ def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
             raise
         error = err
         traceback.print_exc()
-    if in_sweep:
-        _record_failure(run_dir, cfg, error)
-        _print_error(error)
-        return None
-    _print_error(error)
-    sys.exit(EXIT_BAD_INPUT if isinstance(error, BAD_INPUT) else EXIT_FAILED)
+    if not in_sweep:
+        exit_with(error)
+    _record_failure(run_dir, cfg, hydra_cfg, error)
+    print_error(error)
+    return None
+
+
+def _check_same_task(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory holds one task's results: another task is not written over them."""
+    path = run_dir / "results.json"
+    if path.exists():
+        task = read_json(path, "restore it, or use another hydra.run.dir").get("task")
+        if task != cfg.task:
+            raise ConfigError(f"hydra.run.dir={run_dir} holds the results of task={task}: run "
+                              f"task={cfg.task} in another hydra.run.dir")
+
+
+def _run_other_task(cfg: DictConfig, run_dir: Path, hydra_cfg):
+    if cfg.task == "summary":
+        backend_chosen = any(o.startswith("backend=") for o in hydra_cfg.overrides.task)
+        return summary(cfg, run_dir, build_native=backend_chosen)
+    if cfg.task == "predict":
+        return predict_task(cfg, run_dir)
+    if cfg.task == "eval":
+        from .evaluate import evaluate
+        return evaluate(cfg, run_dir, list(hydra_cfg.overrides.task))
+    from .crosscheck import verify_task
+    return verify_task(cfg, run_dir)
+
+
+def record_invocation(run_dir: Path, cfg: DictConfig, hydra_cfg) -> None:
+    """Hydra's record of this invocation (``.hydra/``: the config, Hydra's own config and the
+    command-line overrides), written by cnnzoo instead of Hydra (``hydra.output_subdir: null``)
+    when a task starts writing its outputs (training) or has written them (the other tasks), so
+    that a refused command leaves a run directory as it was."""
+    folder = run_dir / ".hydra"
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hydra_cfg}),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        atomic_write_bytes(folder / name, OmegaConf.to_yaml(node).encode())
 
 
 def _share_cpu_threads(cfg: DictConfig, parallel_jobs: int | None) -> None:
@@ -70,8 +106,9 @@ def _share_cpu_threads(cfg: DictConfig, parallel_jobs: int | None) -> None:
         cfg.hardware.threads = max(1, (os.cpu_count() or 1) // parallel_jobs)
 
 
-def _record_failure(run_dir: Path, cfg: DictConfig, error: Exception) -> None:
+def _record_failure(run_dir: Path, cfg: DictConfig, hydra_cfg, error: Exception) -> None:
     """Keep what the trial wrote (e.g. a failed verification's diffs) and add why it failed."""
+    record_invocation(run_dir, cfg, hydra_cfg)  # the sweep summary reads the trial's overrides
     path = run_dir / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {
         "schema_version": SCHEMA_VERSION, "task": cfg.task, "arch": cfg.arch.name,
@@ -79,11 +116,6 @@ def _record_failure(run_dir: Path, cfg: DictConfig, error: Exception) -> None:
     results["status"] = "failed"
     results["error"] = f"{type(error).__name__}: {error}"
     write_json(path, results)
-
-
-def _print_error(err: Exception) -> None:
-    for line in str(err).splitlines():
-        print(f"error: {line}", file=sys.stderr)
 
 
 def _base_results(cfg: DictConfig, analysis) -> dict:
@@ -112,12 +144,13 @@ def summary(cfg: DictConfig, run_dir: Path, build_native: bool):
     return analysis.params
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str]):
+def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     from ..core.checkpoints import weights_sha256
     from .report import plot_curves, print_config, print_summary
     from .resume import prepare_run_dir, resume_point
 
     t_start = time.perf_counter()
+    overrides = list(hydra_cfg.overrides.task)
     print_config(cfg)
     resume = resume_point(cfg, run_dir)
     exp = prepare(cfg)
@@ -129,6 +162,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]):
           f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
           f"{len(val_split)} val images; backend {cfg.backend.name}")
     if backend.is_main_process:
+        record_invocation(run_dir, cfg, hydra_cfg)
         prepare_run_dir(cfg, run_dir, resume)
         if resume is not None:
             print(f"resuming from {resume.path} (epoch {resume.epoch} of "
