@@ -72,6 +72,9 @@ def prepare(cfg: DictConfig) -> Experiment:
     if num_classes < dataset.num_classes:
         raise DataError(f"arch.num_classes={num_classes} but data '{dataset.name}' has "
                         f"{dataset.num_classes} classes: set arch.num_classes=null")
+    if num_classes < 2:  # the rule of arch.num_classes, here reached through the data
+        raise DataError(f"{dataset.source}: only one class ({dataset.classes[0]!r}): a classifier "
+                        "needs at least 2; add images of another class")
     spec = spec_of(cfg, num_classes)
     channels = cfg.arch.in_channels
     preprocess = Preprocess(cfg.arch.input_size, channels,

@@ -29,6 +29,7 @@ import numpy as np
 from architectures import spec as S
 
 from .errors import WeightsError
+from .npzfile import open_npz
 from .rundir import atomic_write_bytes
 
 # canonical parameter names per parametrised layer type (bias only where the layer has one)
@@ -123,7 +124,7 @@ def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
 def load_weights(path: Path) -> dict[str, np.ndarray]:
     """Read an ``.npz`` of canonical weights (no pickled objects are ever loaded)."""
     try:
-        with np.load(Path(path), allow_pickle=False) as f:
+        with open_npz(Path(path)) as f:
             return {k: f[k] for k in f.files}
     except (OSError, ValueError) as err:  # missing, not a zip, or an object array
         raise WeightsError(f"cannot read weights from {path}: {err}") from None

@@ -116,4 +116,4 @@ def load(path: Path, cfg):
     else:  # class indices as names
         top = max(int(y.max(initial=0)), int(y_val.max(initial=0)) if y_val is not None else 0)
         classes = [str(k) for k in range(top + 1)]
-    return Dataset("cifar10", x, y, classes, x_val, y_val)
+    return Dataset("cifar10", x, y, classes, x_val, y_val, path=str(path))

@@ -184,6 +184,19 @@ def _check_labels(name: str, part: str, images, labels, classes: list[str]) -> n
     return labels.astype(np.int64)
 
 
+def _check_finite(source: str, part: str, images, chunk: int = 4096) -> None:
+    """Float images must hold numbers: a NaN or infinity is a data error, found at load time
+    (in training it would look like a learning rate that is too high)."""
+    if not isinstance(images, np.ndarray) or images.dtype.kind != "f":
+        return  # integer pixels (and decoded image files) are always finite
+    for start in range(0, len(images), chunk):  # a memory-mapped file is read piece by piece
+        block = images[start:start + chunk]
+        bad = np.flatnonzero(~np.isfinite(block).reshape(len(block), -1).all(axis=1))
+        if len(bad):
+            raise DataError(f"{source}: {part} image {start + bad[0]} has NaN or infinite "
+                            "values: fix or remove it")
+
+
 @dataclass
 class Dataset:
     name: str
@@ -192,12 +205,20 @@ class Dataset:
     classes: list[str]
     val_images: Any = None  # a predefined validation part (e.g. MNIST's t10k files), or None
     val_labels: np.ndarray | None = None
+    path: str | None = None  # the file or folder it was read from, for messages
 
     def __post_init__(self):
         self.labels = _check_labels(self.name, "training", self.images, self.labels, self.classes)
+        _check_finite(self.source, "training", self.images)
         if self.val_images is not None:
             self.val_labels = _check_labels(self.name, "validation", self.val_images,
                                             self.val_labels, self.classes)
+            _check_finite(self.source, "validation", self.val_images)
+
+    @property
+    def source(self) -> str:
+        """The dataset's name and where it was read from, e.g. ``npz /data/mine.npz``."""
+        return f"{self.name} {self.path}" if self.path else self.name
 
     @property
     def num_classes(self) -> int:

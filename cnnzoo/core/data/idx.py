@@ -132,4 +132,5 @@ def load(path: Path, cfg):
                             f"{'x'.join(map(str, x_val.shape[1:]))}, the training images "
                             f"{'x'.join(map(str, x.shape[1:]))}: the files do not belong together")
     top = max(int(y.max(initial=0)), int(y_val.max(initial=0)) if y_val is not None else 0)
-    return Dataset("mnist", x, y, [str(k) for k in range(top + 1)], x_val, y_val)
+    return Dataset("mnist", x, y, [str(k) for k in range(top + 1)], x_val, y_val,
+                   path=str(path))

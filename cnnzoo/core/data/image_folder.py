@@ -73,7 +73,7 @@ def decode(path: str) -> np.ndarray:
         return image_array(im)
 
 
-def _reason(err: Exception) -> str:
+def why_unreadable(err: Exception) -> str:
     """Pillow's error in words that make sense next to the file name."""
     if isinstance(err, UnidentifiedImageError):
         return "not a readable PNG, JPEG or BMP image"
@@ -109,9 +109,9 @@ class FileStore:
         try:
             image = decode(self.paths[i])
         except _READ_ERRORS as err:
-            raise DataError(f"image_folder: cannot read {self.paths[i]}: {_reason(err)}; fix or "
-                            "delete it (data.verify=true finds every such file before training)"
-                            ) from None
+            raise DataError(f"image_folder: cannot read {self.paths[i]}: {why_unreadable(err)}; "
+                            "fix or delete it (data.verify=true finds every such file before "
+                            "training)") from None
         if self.cache is not None:
             self.cache[i] = image
         return image
@@ -162,10 +162,10 @@ def _check_files(paths, labels, verify: bool, skip_bad: bool, cache: bool):
                 channels.append(_header_channels(path))
         except _READ_ERRORS as err:
             if not skip_bad:
-                raise DataError(f"image_folder: cannot read {path}: {_reason(err)}; fix or delete "
-                                "it, or set data.skip_bad_files=true to leave such files out"
-                                ) from None
-            bad.append((path, _reason(err)))
+                raise DataError(f"image_folder: cannot read {path}: {why_unreadable(err)}; fix "
+                                "or delete it, or set data.skip_bad_files=true to leave such "
+                                "files out") from None
+            bad.append((path, why_unreadable(err)))
             continue
         keep.append(i)
     if bad:
@@ -211,4 +211,5 @@ def load(path: Path, cfg):
             raise DataError(f"image_folder: val/ has class folders that train/ lacks: "
                             f"{', '.join(unknown)}; add them to train/ or remove them")
         val_images, val_labels = _store(path / "val", classes, cfg)
-    return Dataset("image_folder", images, labels, classes, val_images, val_labels)
+    return Dataset("image_folder", images, labels, classes, val_images, val_labels,
+                   path=str(path))

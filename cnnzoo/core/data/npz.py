@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..npzfile import open_npz
 from .dataset import Dataset
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
@@ -76,7 +77,7 @@ def load(path: Path, cfg):
     if path.is_dir():
         raise DataError(f"data.path={str(path)!r} is a folder: npz needs the .npz file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open_npz(path) as npz:
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
                 raise DataError(f"npz: {path.name} has no {' and no '.join(missing)} array "
@@ -97,4 +98,4 @@ def load(path: Path, cfg):
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         raise DataError(f"npz: cannot read {path}: {err}; expected an .npz file written by "
                         "np.savez without object arrays") from None
-    return Dataset("npz", x, y, classes)
+    return Dataset("npz", x, y, classes, path=str(path))
