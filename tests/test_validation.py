@@ -15,9 +15,14 @@ ROWS = rule_rows(compose_cfg)
 CANDIDATES = ("not-a-choice", -1, 0, 1.5, "", None, True, 10**9)
 
 
+# what a condition needs besides its defaults to be valid (task=predict has no default model)
+_COMPLETES = {"task=predict": ["predict.model=model.onnx", "predict.inputs=[photo.png]"]}
+
+
 def _applies(when: str) -> list[str]:
     """Overrides that make a rule apply, e.g. "backend=keras, optim=sgd/rmsprop"."""
-    return [] if when == "always" else [c.split("/")[0] for c in when.split(", ")]
+    conditions = [] if when == "always" else [c.split("/")[0] for c in when.split(", ")]
+    return [o for c in conditions for o in [c, *_COMPLETES.get(c, [])]]
 
 
 def _bad_value(key: str, cfg):

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..core.data.image_folder import EXTENSIONS, decode
+from ..core.data.image_folder import EXTENSIONS, decode, why_unreadable
 from ..core.data.preprocess import Preprocess, to_layout
-from ..core.errors import DataError
+from ..core.errors import BAD_INPUT, ConfigError, DataError, exit_with
+from ..core.rules import problems
+from .validate import PREDICT_RULES
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -69,7 +70,7 @@ def predict(model: Path, inputs: list[str], top_k: int = 5, batch_size: int = 32
             try:
                 images.append(decode(str(f)))
             except Exception as err:  # noqa: BLE001  Pillow's errors vary by format
-                raise DataError(f"predict: cannot read {f}: {err}") from None
+                raise DataError(f"predict: cannot read {f}: {why_unreadable(err)}") from None
         logits = sess.run(None, {name: to_layout(preprocess.batch(images), layout)})[0]
         probs = _softmax(logits.astype(np.float64))
         for f, p in zip(chunk, probs):
@@ -98,9 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
     try:
+        bad = problems({"--top-k": PREDICT_RULES["predict.top_k"]}, {"--top-k": args.top_k}.get)
+        if bad:  # task=predict's rule, under this command's option name
+            raise ConfigError("\n".join(bad))
         results = predict(args.model, args.inputs, args.top_k)
-    except DataError as err:
-        sys.exit(f"error: {err}")
+    except BAD_INPUT as err:
+        exit_with(err)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
 
 

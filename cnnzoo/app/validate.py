@@ -5,6 +5,7 @@ key, the bad value and what is allowed. Only architectures (pure Python) is impo
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import architectures
 from architectures import ShapeError
@@ -16,6 +17,7 @@ from ..core.rules import (
     BOOLEAN,
     NON_NEGATIVE_INT,
     NON_NEGATIVE_NUMBER,
+    PATH,
     POSITIVE_INT,
     POSITIVE_NUMBER,
     PROBABILITY,
@@ -24,6 +26,7 @@ from ..core.rules import (
     is_int,
     is_num,
     optional,
+    problems,
 )
 
 TASKS = ("train", "summary", "eval", "predict", "verify")
@@ -36,6 +39,14 @@ FILE_DATASETS = ("image_folder", "mnist", "cifar10", "npz")  # read from data.pa
 RESUME_MODES = ("auto", "never")
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")
 
+
+# task=predict's options; the standalone ``python -m cnnzoo.app.predict`` applies the same rules
+PREDICT_RULES = {
+    "predict.model": PATH._replace(allowed="the path of an exported model.onnx"),
+    "predict.inputs": Rule(lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+                           lambda v: len(v) > 0, "a non-empty list of image files or folders"),
+    "predict.top_k": POSITIVE_INT,
+}
 
 # tasks that load the backend's framework (summary does only with an explicit backend=)
 FRAMEWORK_TASKS = ("train", "eval", "verify")
@@ -64,7 +75,7 @@ def _rules(cfg: DictConfig):
         "optimized_metric": one_of(METRICS),
         "sweep.max_failure_rate": PROBABILITY,
         "eval.batch_size": optional(pos_int),
-        "predict.top_k": pos_int,
+        "predict.top_k": PREDICT_RULES["predict.top_k"],
         "arch.input_size": pos_int,
         "arch.in_channels": pos_int,
         "arch.num_classes": optional(Rule(is_int, lambda v: v >= 2, "an integer >= 2")),
@@ -109,6 +120,8 @@ def _rules(cfg: DictConfig):
         table["optim.eps"] = pos_num
     if cfg.optim.get("nesterov") is not None:
         table["optim.nesterov"] = BOOLEAN
+    if cfg.get("task") == "predict":
+        table.update(PREDICT_RULES)
     info = _installed_info(cfg.backend.get("name"))
     if info is not None:  # the backend's own options, as it declares them
         table.update({f"backend.{k}": rule for k, rule in info.options.items()})
@@ -141,11 +154,12 @@ def _data_file_rules(cfg: DictConfig):
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every mistake in ``cfg``; return quietly when it is sound."""
-    errors = []
-    for key, (type_ok, range_ok, allowed) in _rules(cfg).items():
-        value = OmegaConf.select(cfg, key)
-        if not type_ok(value) or not range_ok(value):
-            errors.append(f"{key}={value!r} is invalid: expected {allowed}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # e.g. optim.lr=${nope}
+        raise ConfigError(f"{err.full_key}: {str(err).splitlines()[0]}: an ${{...}} "
+                          "interpolation that cannot be resolved; fix the value") from None
+    errors = problems(_rules(cfg), lambda key: _plain(OmegaConf.select(cfg, key)))
     for key in ("data.mean", "data.std"):
         values = OmegaConf.select(cfg, key)
         if not values or any(not is_num(v) for v in values) or (
@@ -153,8 +167,9 @@ def validate(cfg: DictConfig) -> None:
             errors.append(f"{key}={values!r} is invalid: expected a list of numbers "
                           f"(std > 0), one per channel or one for all")
         elif len(values) not in (1, cfg.arch.in_channels):
+            allowed = sorted({1, cfg.arch.in_channels})
             errors.append(f"{key} has {len(values)} values but arch.in_channels is "
-                          f"{cfg.arch.in_channels}: give 1 or {cfg.arch.in_channels}")
+                          f"{cfg.arch.in_channels}: give {' or '.join(map(str, allowed))}")
     errors += _backend_errors(cfg)
     errors += _verify_lists(cfg)
     sizes = cfg.export.batch_sizes
@@ -280,7 +295,7 @@ OTHER_CHECKS = (
 # config groups whose options add or change rules
 def _groups() -> dict[str, tuple[str, ...]]:
     return {"data": DATASETS, "backend": tuple(available_backends()),
-            "optim": ("paper", "sgd", "adam", "adamw", "rmsprop")}
+            "optim": ("paper", "sgd", "adam", "adamw", "rmsprop"), "task": TASKS}
 
 
 def rule_rows(compose) -> list[tuple[str, str, str]]:

@@ -19,6 +19,12 @@ class Rule(NamedTuple):
         return self.type_ok(value) and self.range_ok(value)
 
 
+def problems(rules: dict[str, Rule], value_of: Callable[[str], Any]) -> list[str]:
+    """One line for each key whose value (``value_of(key)``) its rule refuses."""
+    return [f"{key}={value!r} is invalid: expected {rule.allowed}"
+            for key, rule in rules.items() if not rule.accepts(value := value_of(key))]
+
+
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -29,6 +35,7 @@ def is_num(v) -> bool:
 
 BOOLEAN = Rule(lambda v: isinstance(v, bool), lambda v: True, "true or false")
 TEXT = Rule(lambda v: isinstance(v, str), lambda v: v.strip() != "", "a non-empty string")
+PATH = TEXT._replace(allowed="a path")
 POSITIVE_INT = Rule(is_int, lambda v: v > 0, "a positive integer")
 NON_NEGATIVE_INT = Rule(is_int, lambda v: v >= 0, "an integer >= 0")
 POSITIVE_NUMBER = Rule(is_num, lambda v: v > 0, "a positive number")
