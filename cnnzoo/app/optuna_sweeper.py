@@ -16,6 +16,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from ..core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,33 @@ def prepare_resume(impl) -> None:
         impl.sampler.reseed_rng()
     impl.job_idx = sum(t.state != TrialState.WAITING for t in trials)
     log.info(f"Resuming study {impl.study_name}: {len(done)} trials done, {impl.n_trials} to go")
+
+
+def check_search_space(impl, arguments: list[str]) -> None:
+    """Refuse, one line per parameter, a search space Optuna cannot sample (an empty or
+    reversed interval, a log scale that reaches 0), before any trial runs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    errors = []
+    parser = OverridesParser.create()
+    for text in [*impl._parse_sweeper_params_config(), *arguments]:
+        override = parser.parse_override(text)
+        if not override.is_sweep_override():
+            continue
+        try:
+            create_optuna_distribution_from_override(override)
+        except (ValueError, NotImplementedError) as err:
+            errors.append(f"Optuna search space {text!r}: {str(err).splitlines()[0]}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def no_trial_completed(impl) -> bool:
+    """Whether the study has no finished trial (every one failed): hydra-optuna-sweeper then
+    fails asking for the best one; the sweep summary reports the failures instead."""
+    study = _load_study(impl.study_name, impl.storage)
+    return study is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
 def _load_study(name: str | None, storage) -> optuna.Study | None:
