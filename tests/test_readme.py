@@ -1,0 +1,187 @@
+"""The README's commands, run as a user copies them: every command line in its code blocks is
+either run here through bash from the repository root (placeholders such as ``<run>`` replaced by
+real runs, ``$HOME`` a folder holding small datasets of each format, and the training shortened
+by overrides appended at the end) or named in ``NOT_RUN`` with the reason and, for ``run.py``,
+composed with ``--cfg job``. A command added to the README without a check here fails
+``test_every_readme_command_is_checked``."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+from test_datasets import write_cifar, write_idx, write_image_folder, write_npz
+
+SHORT = ("trainer.max_epochs=1", "data.limit=64", "trainer.progress_bar=false",
+         "export.num_images=8", "'export.batch_sizes=[1,8]'")
+SMALL_INPUT = ("arch.input_size=32",)  # VGG and ResNet at 224 or 128 take minutes on a CPU
+ONE_TRIAL = ("hydra.sweeper.n_trials=1",)
+
+# command -> overrides appended to it (each run.py command also gets its own run/sweep folder)
+RUN = {
+    "python run.py": SHORT,
+    "python run.py arch=vgg backend=torch": SHORT + SMALL_INPUT,
+    "python run.py arch=vgg arch.input_size=32 trainer.max_epochs=1": SHORT,
+    "python run.py task=summary arch=vgg16": (),
+    "python run.py task=summary arch=vgg16 backend=torch": (),
+    "python run.py data=synthetic optim=sgd optim.lr=0.05": SHORT,
+    "python run.py -m optim.lr=0.1,0.01": SHORT,
+    "python run.py --cfg job": (),
+    "python run.py --help": (),
+    "python run.py optim.lr=-0.1 data.batch_size=0": (),
+    "python run.py arch=vgg16 arch.input_size=16": (),
+    "python run.py -m optim.lr=0.01,0.001 data.batch_size=32,64": SHORT,
+    "python run.py -m arch=lenet5,alexnet arch.input_size=64 optim=adam": SHORT,
+    "python run.py -m launcher=joblib optim.lr=0.1,0.03,0.01,0.003": SHORT,
+    "python run.py hparams_search=optuna": SHORT + ONE_TRIAL,
+    "python run.py hparams_search=optuna hydra.sweeper.n_trials=50 arch=resnet50 "
+    "arch.input_size=64": SHORT + ONE_TRIAL + SMALL_INPUT,
+    "python run.py hparams_search=optuna 'optim.lr=tag(log, interval(1e-3, 1))'":
+        SHORT + ONE_TRIAL,
+    "python run.py data=image_folder data.path=$HOME/data/flowers data.cache=true arch=resnet50 "
+    "arch.input_size=128": SHORT + SMALL_INPUT,
+    "python run.py data=mnist data.path=$HOME/data/fashion-mnist": SHORT,
+    "python run.py data=cifar10 data.path=$HOME/data/cifar-10-batches-py "
+    "data.augment.random_crop_padding=4 data.augment.horizontal_flip=true": SHORT,
+    "python run.py data=npz data.path=$HOME/data/mine.npz": SHORT,
+    "python run.py task=eval eval.run_dir=outputs/lenet5-torch/<run>": (),
+    "python run.py task=eval eval.run_dir=<run> data=mnist "
+    "data.path=$HOME/data/fashion-mnist": (),
+    "python run.py task=predict predict.model=<run>/model.onnx "
+    "'predict.inputs=[photo.png,more/]' predict.top_k=3": (),
+    "python -m cnnzoo.app.predict <run>/model.onnx photo.png more/ --top-k 3 --json": (),
+    "python -m cnnzoo.app.compare outputs/lenet5-torch/<run> "
+    "outputs/lenet5-torch/<other run>": (),
+    "python -m cnnzoo.app.compare multirun/<date_time>": (),
+    "python run.py arch=alexnet arch.input_size=64 hydra.run.dir=runs/alexnet": SHORT,
+    "python run.py task=verify": (),
+    "python run.py task=verify arch=xception arch.input_size=32": (),
+}
+NOT_RUN = {
+    'python3.11 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e '
+    '".[all,test]" && python run.py': ".ci/run installs this way in a fresh virtualenv, then runs "
+                                      "the test suite; python run.py is checked above",
+    "pytest": ".ci/run runs it",
+    'pip install -e ".[torch]"': ".ci/run installs the PyTorch extra alone in a second virtualenv",
+    "pip install --no-deps -e .": "for a machine with its own torch (the GPU check, "
+                                  "docs/benchmarks.md)",
+    "python run.py hardware=ddp_cpu": "tests/test_cli.py::test_ddp_on_two_cpu_processes_writes_"
+                                      "one_run_directory runs it, shortened",
+    "python run.py task=verify verify.archs=all verify.input_size=32":
+        "the 11 x 3 matrix takes several minutes; tests/test_verify_matrix.py checks its parts",
+    "python run.py task=verify arch=resnet50 verify.weights=resnet50.npz":
+        "needs a ResNet-50 weights file; tests/test_verify_matrix.py runs verify.weights",
+    "srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 python run.py hardware=multi_node "
+    "arch=resnet50": "needs a SLURM cluster",
+    "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-endpoint=$HEAD:29500 run.py "
+    "hardware=multi_node hardware.num_nodes=2": "needs two machines",
+}
+_COMMAND = re.compile(r"^(\$ )?(python3?(\.\d+)? |pip |pytest|srun |torchrun )")
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """Each command line of the README's code blocks, fenced or indented (comment removed) ->
+    the ``error:`` lines printed under it where the README shows its output (``$ command``)."""
+    commands = {}
+    text = (ROOT / "README.md").read_text()
+    indented = "\n".join(ln[4:] for ln in re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+                         .splitlines() if ln.startswith("    "))
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S) + [indented]:
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if not _COMMAND.match(line):
+                continue
+            shown = []
+            for output in lines[i + 1:] if line.startswith("$ ") else []:
+                if output.startswith("$ "):
+                    break
+                shown += [output] if output.startswith("error:") else []
+            commands[re.sub(r"\s+# .*$", "", line.removeprefix("$ ")).strip()] = shown
+    return commands
+
+
+def test_every_readme_command_is_checked():
+    found = set(readme_commands())
+    assert found - set(RUN) - set(NOT_RUN) == set(), "README commands without a check here"
+    assert (set(RUN) | set(NOT_RUN)) - found == set(), "checks of commands no longer in README"
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -c constraints.txt -e ".[all,test]"' in ci and "\npytest" in ci
+    assert '-e ".[torch,test]"' in ci
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A HOME with a dataset of each format under data/, images to predict, and a finished
+    default run (plus a copy, and a sweep) for the commands that name earlier runs."""
+    top = tmp_path_factory.mktemp("readme")
+    home = top / "home"
+    write_image_folder(home / "data" / "flowers", n_per_class=8)
+    write_idx(home / "data" / "fashion-mnist", n_train=80, n_val=20)
+    write_cifar(home / "data" / "cifar-10-batches-py", n_batches=1, per_batch=80, n_test=20)
+    write_npz(home / "data" / "mine.npz", n=80)
+    (top / "more").mkdir()
+    for name in ("photo.png", "more/a.png", "more/b.png"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), np.uint8)).save(
+            top / name)
+    run = top / "run"
+    made = _bash(f"python run.py {' '.join(SHORT)} hydra.run.dir={run}", home)
+    assert made.returncode == 0, made.stderr[-2000:]
+    shutil.copytree(run, top / "other")
+    sweep = top / "sweep"
+    made = _bash(f"python run.py -m optim.lr=0.1,0.01 {' '.join(SHORT)} hydra.sweep.dir={sweep}",
+                 home)
+    assert made.returncode == 0, made.stderr[-2000:]
+    return {"home": home, "outputs/lenet5-torch/<run>": run, "<run>": run,
+            "outputs/lenet5-torch/<other run>": top / "other", "multirun/<date_time>": sweep,
+            "photo.png": top / "photo.png", "more/": f"{top / 'more'}/"}
+
+
+@pytest.mark.parametrize("command", list(RUN))
+def test_readme_command_runs(command, world, tmp_path):
+    shown = readme_commands()[command]
+    line = command
+    for placeholder in ("outputs/lenet5-torch/<run>", "outputs/lenet5-torch/<other run>",
+                        "<run>", "multirun/<date_time>", "photo.png", "more/"):
+        line = line.replace(placeholder, str(world[placeholder]))
+    extra = list(RUN[command])
+    if line.startswith("python run.py") and "--" not in line:
+        extra.append(f"hydra.sweep.dir={tmp_path / 'sweep'}" if " -m " in line
+                     or "hparams_search" in line else f"hydra.run.dir={tmp_path / 'run'}")
+    if "hparams_search=optuna" in line:
+        extra.append(f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
+    # run.py from the repository root; the installed modules (python -m) where they may write
+    r = _bash(" ".join([line, *extra]), world["home"],
+              ROOT if line.startswith("python run.py") else tmp_path)
+    if shown:  # the README shows what it prints: a mistake and its one-line errors
+        assert r.returncode == 2 and [ln for ln in r.stderr.splitlines()
+                                      if ln.startswith("error:")] == shown, r.stderr[-2000:]
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [c for c in NOT_RUN if c.split("&&")[-1].strip()
+                                     .startswith(("python run.py", "srun", "torchrun"))])
+def test_readme_commands_not_run_here_still_compose(command):
+    """Their run.py part composes (groups, keys and override syntax) with --cfg job."""
+    args = shlex.split(command[command.index("run.py"):])[1:]
+    r = _bash(shlex.join(["python", "run.py", *args, "--cfg", "job"]), Path.home())
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr[-2000:]
+
+
+def _bash(line: str, home: Path, cwd: Path = ROOT):
+    env = {**os.environ, "HOME": str(home), "PYTHONWARNINGS": "ignore",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
