@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 
 import architectures
-from cnnzoo.core.backend import available_backends, usable_backends
+from cnnzoo.core.backend import available_backends, backend_info, usable_backends
 
 pytestmark = pytest.mark.slow
 
@@ -177,6 +177,30 @@ def test_an_installed_backend_without_its_framework_is_one_line(cli, backend):
     assert r.returncode == 2 and len(r.error_lines) == 1, r.stderr
     assert f"backend={backend} needs " in r.error_lines[0]
     assert f"pip install 'cnnzoo[{backend}]'" in r.error_lines[0]
+
+
+@pytest.mark.parametrize("backend", [b for b in usable_backends() if "bf16-mixed" in
+                                     backend_info(b).limits.get("hardware.precision",
+                                                                ("bf16-mixed",))])
+def test_bf16_mixed_trains_on_the_cpu_and_exports_a_float32_onnx_model(backend, tmp_path):
+    """The mixed-precision code paths are not GPU-only: the same short run in bf16-mixed and in
+    32-true learns, gives other weights (bf16 really computed), and a float32 ONNX model that
+    passes verification against the native model."""
+    short = (f"backend={backend}", "hardware=cpu", "trainer.max_epochs=2", "data.limit=400",
+             "trainer.progress_bar=false", "export.num_images=32", "export.batch_sizes=[1,32]")
+    runs = {p: run_cli(tmp_path / p, *short, f"hardware.precision={p}")
+            for p in ("bf16-mixed", "32-true")}
+    for r in runs.values():
+        assert r.returncode == 0, r.stderr[-3000:]
+    res, full = runs["bf16-mixed"].results(), runs["32-true"].results()
+    assert res["hardware"]["precision"] == "bf16-mixed" and res["metrics"]["val_acc"] > 0.6
+    assert abs(res["metrics"]["val_acc"] - full["metrics"]["val_acc"]) <= 0.1  # chance: 0.1
+    assert res["weights_sha256"] != full["weights_sha256"]
+    assert res["export"]["passed"] is True
+    graph = onnx.load(str(runs["bf16-mixed"].run_dir / "model.onnx")).graph
+    assert {v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]} == {
+        onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.BFLOAT16 not in {t.data_type for t in graph.initializer}
 
 
 def test_ddp_on_two_cpu_processes_writes_one_run_directory(cli):
