@@ -83,18 +83,22 @@ class CheckpointDir:
     def latest(self) -> Checkpoint | None:
         """The newest epoch folder, checked against its ``state.json``, or None when there is
         none; a damaged one raises CheckpointError naming the file and the ways out."""
-        folders = self._folders()
-        if not folders:
-            return None
-        epoch, path = folders[-1]
-        problem = _damage(path, epoch)
-        if problem:
-            older = [p.name for e, p in folders[:-1] if not _damage(p, e)]
-            way = (f"delete {path.name} to resume from {older[-1]}" if older
-                   else "delete the checkpoints folder to train from the start")
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {way}, or keep "
-                                  "this run as it is and train in another hydra.run.dir")
-        return Checkpoint(path, epoch, json.loads((path / STATE_FILE).read_text()))
+        while True:
+            folders = self._folders()
+            if not folders:
+                return None
+            epoch, path = folders[-1]
+            state, problem = _checked_state(path, epoch)
+            if problem is None:
+                return Checkpoint(path, epoch, state)
+            if path.exists():
+                break
+            # the folder went while it was read: a running training replaced it, look again
+        older = [p.name for e, p in folders[:-1] if _checked_state(p, e)[1] is None]
+        way = (f"delete {path.name} to resume from {older[-1]}" if older
+               else "delete the checkpoints folder to train from the start")
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {way}, or keep this run "
+                              "as it is and train in another hydra.run.dir")
 
     def _folders(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -129,23 +133,27 @@ def weights_sha256(weights: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _damage(folder: Path, epoch: int) -> str | None:
-    """What is wrong with an epoch folder, or None when every file is as ``save`` wrote it."""
+def _checked_state(folder: Path, epoch: int) -> tuple[dict | None, str | None]:
+    """An epoch folder's ``state.json`` and what is wrong with the folder (None when every
+    file is as ``save`` wrote it)."""
     try:
         state = json.loads((folder / STATE_FILE).read_text())
     except FileNotFoundError:
-        return f"{STATE_FILE} is missing"
+        return None, f"{STATE_FILE} is missing"
     except (OSError, ValueError) as err:
-        return f"{STATE_FILE} cannot be read ({err})"
+        return None, f"{STATE_FILE} cannot be read ({err})"
     if not isinstance(state, dict) or state.get("epoch") != epoch:
-        return f"{STATE_FILE} does not describe epoch {epoch}"
+        return None, f"{STATE_FILE} does not describe epoch {epoch}"
     for name, digest in state.get("files", {}).items():  # absent in earlier versions' checkpoints
         file = folder / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if _sha256(file) != digest:
-            return f"{name} is not the file that was saved (its SHA-256 differs)"
-    return None
+        try:
+            if _sha256(file) != digest:
+                return state, f"{name} is not the file that was saved (its SHA-256 differs)"
+        except FileNotFoundError:
+            return state, f"{name} is missing"
+        except OSError as err:
+            return state, f"{name} cannot be read ({err})"
+    return state, None
 
 
 def _sha256(path: Path) -> str:
