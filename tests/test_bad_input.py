@@ -329,3 +329,17 @@ def test_an_optuna_sweep_whose_every_trial_fails_ends_like_a_grid_sweep(tmp_path
     assert errors[-1] == (f"error: 2 of 2 trials failed, more than sweep.max_failure_rate=0.5; "
                           f"see {sweep}/sweep_summary.md")
     assert (sweep / "sweep_summary.csv").read_text().count(",failed,") == 2
+
+
+def test_a_resumed_sweep_keeps_a_damaged_trial_as_it_is_and_reports_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "optim.lr=0.001,0.002", *SHORT, f"hydra.sweep.dir={sweep}")
+    assert run_cli(tmp_path / "unused", *args).returncode == 0
+    (sweep / "0" / "results.json").write_text("{oops")
+    before = snapshot(sweep / "0")
+    r = run_cli(tmp_path / "unused", *args)  # the same sweep again: trial 1 re-exports
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"error: {sweep}/0/results.json cannot be read (" in r.stderr
+    assert snapshot(sweep / "0") == before
+    summary = (sweep / "sweep_summary.csv").read_text()
+    assert summary.count(",failed,") == 1 and summary.count(",ok,") == 1

@@ -13,10 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core.checkpoints import Checkpoint, CheckpointDir
 from ..core.errors import CheckpointError
-from ..core.rundir import MetricsLog
+from ..core.rundir import RESTORE_OR_ELSEWHERE, MetricsLog
 from .experiment import flatten
-
-_OTHER_DIR = "restore it, or train in another hydra.run.dir"  # the fix for damaged state
 
 # keys whose values may change between the first attempt and a resumed one
 _FREE = ("task", "resume", "export", "tracking", "eval", "predict", "verify", "sweep",
@@ -40,7 +38,7 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
     saved = Path(run_dir) / "config.yaml"
     if saved.is_file():
         problems += [f"{k}: the run was started with {a!r}, now {b!r}"
-                     for k, a, b in config_changes(saved_config(saved, _OTHER_DIR), cfg)]
+                     for k, a, b in config_changes(saved_config(saved, RESTORE_OR_ELSEWHERE), cfg)]
     metrics = Path(run_dir) / "metrics.csv"
     if metrics.is_file():
         MetricsLog(metrics).rows()  # the resumed run continues it: damaged, it is refused now

@@ -2,7 +2,6 @@
 then data is loaded, and only then is the chosen backend (and its framework) imported."""
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -12,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core.errors import (
     BAD_INPUT,
+    CheckpointError,
     ConfigError,
     RunFailed,
     RunFailure,
@@ -20,6 +20,7 @@ from ..core.errors import (
     print_error,
 )
 from ..core.rundir import (
+    RESTORE_OR_ELSEWHERE,
     SCHEMA_VERSION,
     atomic_write_bytes,
     git_info,
@@ -107,12 +108,16 @@ def _share_cpu_threads(cfg: DictConfig, parallel_jobs: int | None) -> None:
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, hydra_cfg, error: Exception) -> None:
-    """Keep what the trial wrote (e.g. a failed verification's diffs) and add why it failed."""
-    record_invocation(run_dir, cfg, hydra_cfg)  # the sweep summary reads the trial's overrides
+    """Keep what the trial wrote (e.g. a failed verification's diffs) and add why it failed;
+    a damaged results.json stays as it is (the sweep summary reports that trial as failed)."""
     path = run_dir / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {
-        "schema_version": SCHEMA_VERSION, "task": cfg.task, "arch": cfg.arch.name,
-        "backend": cfg.backend.name}
+    try:
+        results = read_json(path, RESTORE_OR_ELSEWHERE) if path.exists() else {
+            "schema_version": SCHEMA_VERSION, "task": cfg.task, "arch": cfg.arch.name,
+            "backend": cfg.backend.name}
+    except CheckpointError:
+        return
+    record_invocation(run_dir, cfg, hydra_cfg)  # the sweep summary reads the trial's overrides
     results["status"] = "failed"
     results["error"] = f"{type(error).__name__}: {error}"
     write_json(path, results)

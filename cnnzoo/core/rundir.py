@@ -41,6 +41,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+# the way out of a damaged file of a run that training would continue
+RESTORE_OR_ELSEWHERE = "restore it, or train in another hydra.run.dir"
+
+
 def read_json(path: Path, fix: str) -> dict:
     """A JSON file of a run directory; CheckpointError naming the file and ``fix`` when it is
     damaged."""
@@ -80,8 +84,7 @@ class MetricsLog:
                 return rows
             except (ValueError, TypeError, csv.Error) as err:
                 raise CheckpointError(f"{self.path} is damaged at line {reader.line_num} "
-                                      f"({err}): restore it, or train in another "
-                                      "hydra.run.dir") from None
+                                      f"({err}): {RESTORE_OR_ELSEWHERE}") from None
 
     def keep_epochs(self, epochs: int) -> None:
         """Drop the rows after epoch ``epochs`` (a resumed run redoes those epochs), atomically."""
