@@ -10,10 +10,15 @@ It measures and checks, in one run, with the device's name in every result:
 - ``default job``: ``python run.py`` with ``hardware=gpu`` (bf16-mixed) and ``hardware=auto``:
   val_acc, images/s, and the ONNX file of the GPU-trained mixed-precision model verified on
   the CPU in onnxruntime;
+- ``lenet5``: the per-step cost of the training loop, where the GPU's own work is small:
+  LeNet-5 in batches of 32 through the product (with and without DataLoader workers), a
+  hand-written loop, and the least a Lightning ``Trainer.fit`` and a Lightning Fabric loop
+  cost on the same preloaded batches;
 - ``resnet50``: ResNet-50 at 224x224, channels-last, in bf16-mixed and 16-mixed: the product
-  (``backend.train``, its own input pipeline) next to a hand-written loop in this process on
-  preloaded batches (the same model, optimizer and autocast, with and without ``torch.compile``),
-  each as images/s and as a fraction of the bf16 peak (3 x the forward FLOPs per image);
+  (``backend.train``, its own input pipeline; in bf16 also without DataLoader workers and with
+  ``backend.compile``) next to a hand-written loop in this process on preloaded batches (the
+  same model, optimizer and autocast), each as images/s and as a fraction of the bf16 peak
+  (3 x the forward FLOPs per image);
 - ``resume``: ``trainer.deterministic=true``; a run killed (SIGKILL) once its first epoch's
   checkpoint is written and then re-run ends with the weights of an uninterrupted run.
 
@@ -39,10 +44,12 @@ from bench.common import ROOT, compose, synthetic_data
 
 # (device) -> sizes: the GPU run measures, the CPU run only exercises every code path
 SIZES = {
-    "cuda": {"peak_n": 8192, "peak_reps": 10, "resnet_size": 224, "batch": 128, "steps": 24,
-             "epochs": 3, "hand_steps": 30, "default_epochs": 10, "resume_epochs": 3},
+    "cuda": {"peak_n": 8192, "peak_reps": 10, "resnet_size": 224, "batch": 128, "steps": 48,
+             "epochs": 3, "hand_steps": 30, "default_epochs": 10, "resume_epochs": 3,
+             "lenet_steps": 256},
     "cpu": {"peak_n": 256, "peak_reps": 3, "resnet_size": 32, "batch": 4, "steps": 2,
-            "epochs": 2, "hand_steps": 2, "default_epochs": 1, "resume_epochs": 2},
+            "epochs": 2, "hand_steps": 2, "default_epochs": 1, "resume_epochs": 2,
+            "lenet_steps": 4},
 }
 PRECISIONS = ("bf16-mixed", "16-mixed")
 
@@ -118,48 +125,85 @@ def resnet50(device: str, sizes: dict, work: Path, peak_tflops: float) -> list[d
     size, batch, steps = sizes["resnet_size"], sizes["batch"], sizes["steps"]
     spec = architectures.build_spec("resnet50", 10, 3)
     train_flops = 3 * spec.analyze(size).flops  # forward + backward (about 2x forward)
-    accelerator = "gpu" if device == "cuda" else "cpu"
     rows = []
     for precision in PRECISIONS:
         if device == "cpu" and precision == "16-mixed":
             continue  # float16 autocast is a GPU feature
-        overrides = [
-            "arch=resnet50", "backend=torch", f"hardware.accelerator={accelerator}",
-            f"hardware.precision={precision}", "backend.channels_last=true",
-            *synthetic_data(steps * batch, batch, size), "data.num_classes=10", "optim=sgd",
-            "optim.lr=0.01", f"trainer.max_epochs={sizes['epochs']}",
-            "trainer.limit_val_batches=1", "trainer.progress_bar=false", "export.enabled=false"]
-        product = _product(compose(*overrides), work / f"resnet50-{precision}")
-        rows.append(_row("resnet50 product (backend.train)", precision, device, product,
-                         train_flops, peak_tflops, f"{steps} steps of {batch}, {size}x{size}, "
-                         "epochs after the first"))
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        # torch.compile (bf16 on the GPU only): on the CPU it needs a C++ toolchain and
-        # minutes, and each compilation costs the GPU run about a minute
-        compile_too = device == "cuda" and precision == "bf16-mixed"
-        for compiled in (False, True) if compile_too else (False,):
-            rate = _hand_loop(SpecModule(spec, size), device, dtype, batch, size,
-                              sizes["hand_steps"], compiled)
-            note = f"preloaded batches of {batch}, channels-last"
-            if not compiled:
-                rows[-1]["note"] += f"; product / hand-written {product / rate:.2f}x"
-            rows.append(_row("resnet50 hand-written loop" + (", torch.compile" if compiled else ""),
-                             precision, device, rate, train_flops, peak_tflops, note))
+        hand = _hand_loop(SpecModule(spec, size), device, dtype, batch, size, 3,
+                          sizes["hand_steps"])
+        # the product's defaults, and in bf16 what each of its switches changes: DataLoader
+        # workers (auto: several on a GPU) and torch.compile (on the CPU it needs minutes)
+        variants = [()]
+        if precision == "bf16-mixed":
+            variants += [("backend.num_workers=0",)] + \
+                [("backend.compile=true",)] * (device == "cuda")
+        for variant in variants:
+            overrides = ["arch=resnet50", f"hardware.precision={precision}",
+                         *synthetic_data(steps * batch, batch, size), "data.num_classes=10",
+                         f"trainer.max_epochs={sizes['epochs']}", *variant]
+            rate = _product(device, overrides, work / f"resnet50-{precision}-{len(rows)}")
+            rows.append(_row("resnet50", "product (backend.train)" + _named(variant),
+                             precision, device, rate, train_flops, peak_tflops,
+                             f"{steps} steps of {batch}, {size}x{size}, epochs after the first; "
+                             f"product / hand-written {rate / hand:.2f}x"))
+        rows.append(_row("resnet50", "hand-written loop", precision, device, hand, train_flops,
+                         peak_tflops, f"preloaded batches of {batch}, channels-last"))
     return rows
 
 
-def _row(what: str, precision: str, device: str, rate: float, train_flops: float,
+def lenet5(device: str, sizes: dict, work: Path, peak_tflops: float) -> list[dict]:
+    """The cost of a training step beyond the GPU's work: LeNet-5 on 32x32 gray images in
+    batches of 32 (the default job's shapes), fp32, through the product (with and without
+    DataLoader workers), a hand-written loop, and the least that Lightning's ``Trainer.fit``
+    and Lightning Fabric cost on the same preloaded batches."""
+    import architectures
+    from runners.torch.model import SpecModule
+
+    batch, steps = 32, sizes["lenet_steps"]
+    spec = architectures.build_spec("lenet5", 10, 1)
+    flops = 3 * spec.analyze(32).flops
+    hand = _hand_loop(SpecModule(spec, 32), device, None, batch, 32, 1, steps)
+    rows = []
+    for variant in ((), ("backend.num_workers=4",)):
+        overrides = ["arch=lenet5", "hardware.precision=32-true", "data.channels=1",
+                     *synthetic_data(steps * batch, batch, 32), "trainer.max_epochs=3", *variant]
+        rate = _product(device, overrides, work / f"lenet5-{len(rows)}")
+        rows.append(_row("lenet5", "product (backend.train)" + _named(variant), "32-true",
+                         device, rate, flops, peak_tflops, f"{steps} steps of {batch}, epochs "
+                         f"after the first; product / hand-written {rate / hand:.2f}x"))
+    rows.append(_row("lenet5", "hand-written loop", "32-true", device, hand, flops, peak_tflops,
+                     f"{steps} steps on one preloaded batch"))
+    for what, loop in (("minimal Lightning Trainer.fit", _lightning_loop),
+                       ("minimal Lightning Fabric loop", _fabric_loop)):
+        rate = loop(SpecModule(spec, 32), device, batch, steps)
+        rows.append(_row("lenet5", what, "32-true", device, rate, flops, peak_tflops,
+                         f"the loss only, preloaded batches; {rate / hand:.2f}x the "
+                         "hand-written loop"))
+    return rows
+
+
+def _named(variant) -> str:
+    return f", {' '.join(variant)}" if variant else ""
+
+
+def _row(check: str, what: str, precision: str, device: str, rate: float, train_flops: float,
          peak_tflops: float, note: str) -> dict:
     fraction = rate * train_flops / (peak_tflops * 1e12)
-    return {"check": "resnet50", "what": what, "precision": precision, "device": device,
+    return {"check": check, "what": what, "precision": precision, "device": device,
             "value": round(rate, 1), "unit": "images/s", "passed": True,
             "note": f"{note}; {fraction:.1%} of the bf16 peak"}
 
 
-def _product(cfg, run_dir: Path) -> float:
-    """images/s of the product's training epochs after the first (metrics.csv's epoch times)."""
+def _product(device: str, overrides: list[str], run_dir: Path) -> float:
+    """images/s of the product's training epochs after the first (metrics.csv's epoch times),
+    ``backend.train`` on the config run.py composes with ``overrides`` (SGD, no validation
+    beyond one image, no export)."""
     from cnnzoo.app.experiment import build_model, prepare
 
+    cfg = compose("backend=torch", f"hardware.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+                  "optim=sgd", "optim.lr=0.01", "trainer.limit_val_batches=1",
+                  "trainer.progress_bar=false", "export.enabled=false", *overrides)
     exp = prepare(cfg)
     backend, model, _ = build_model(cfg, run_dir, exp)
     report = backend.train(model, exp.train_split, exp.val_split)
@@ -167,36 +211,111 @@ def _product(cfg, run_dir: Path) -> float:
     return len(exp.train_split) / statistics.median(times)
 
 
-def _hand_loop(net, device: str, dtype, batch: int, size: int, steps: int,
-               compiled: bool) -> float:
-    """images/s of SGD steps under autocast on preloaded channels-last batches."""
+def _batch(device: str, batch: int, channels: int, size: int):
+    import torch
+    x = torch.randn(batch, channels, size, size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (batch,), device=device)
+
+
+def _hand_loop(net, device: str, dtype, batch: int, size: int, channels: int,
+               steps: int) -> float:
+    """images/s of SGD steps on one preloaded channels-last batch, under autocast to ``dtype``
+    (None: fp32)."""
     import torch
     import torch.nn.functional as F
 
     net = net.to(device).to(memory_format=torch.channels_last).train()
-    model = torch.compile(net) if compiled else net
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(
-        memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x, y = _batch(device, batch, channels, size)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=dtype):
-            loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(3):  # warm-up
         step()
+    return _timed(step, device, steps) * batch
+
+
+def _timed(step, device: str, steps: int) -> float:
+    """Steps per second of ``steps`` calls of ``step``."""
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return steps / (time.perf_counter() - t0)
+
+
+def _fabric_loop(net, device: str, batch: int, steps: int) -> float:
+    """images/s of the hand-written loop's steps through Lightning Fabric (``setup``,
+    ``fabric.backward``), fp32, on one preloaded batch."""
+    import lightning_fabric
+    import torch
+    import torch.nn.functional as F
+
+    fabric = lightning_fabric.Fabric(accelerator="gpu" if device == "cuda" else "cpu",
+                                     devices=1, precision="32-true")
+    net = net.to(memory_format=torch.channels_last)
+    net, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
+    x, y = _batch(device, batch, 1, 32)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        fabric.backward(F.cross_entropy(net(x), y))
+        opt.step()
+
+    for _ in range(3):
+        step()
+    return _timed(step, device, steps) * batch
+
+
+def _lightning_loop(net, device: str, batch: int, steps: int) -> float:
+    """images/s of the second epoch of ``Trainer.fit`` on a module whose step is the loss alone
+    (no logger, checkpoint, progress bar or validation), ``steps`` preloaded batches per
+    epoch, fp32."""
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
+
+    batches = [_batch(device, batch, 1, 32)] * steps
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net.to(memory_format=torch.channels_last)
+
+        def training_step(self, b, _):
+            return F.cross_entropy(self.net(b[0]), b[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    class Clock(pl.Callback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, *_):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, *_):
+            _sync(device)
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    clock = Clock()
+    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                         max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
+    trainer.fit(Plain(), torch.utils.data.DataLoader(batches, batch_size=None))
+    return steps * batch / clock.seconds[-1]
 
 
 def resume(device: str, sizes: dict, work: Path) -> list[dict]:
@@ -267,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "numpy": numpy.__version__}
     with tempfile.TemporaryDirectory(prefix="cnnzoo-gpu-") as tmp:
         work = Path(tmp)
-        for part in (default_jobs, resume, functools.partial(resnet50, peak_tflops=peak)):
+        for part in (default_jobs, resume, functools.partial(lenet5, peak_tflops=peak),
+                     functools.partial(resnet50, peak_tflops=peak)):
             rows += part(args.device, sizes, work)
             header["total_s"] = round(time.perf_counter() - t0, 1)
             write(out, rows, header)  # what is done survives a later part's failure

@@ -56,3 +56,9 @@ def optional(rule: Rule) -> Rule:
     """``rule``, or null."""
     return Rule(lambda v: v is None or rule.type_ok(v), lambda v: v is None or rule.range_ok(v),
                 rule.allowed + " or null")
+
+
+def or_auto(rule: Rule) -> Rule:
+    """``rule``, or the word auto (the backend picks the value when it starts)."""
+    return Rule(lambda v: v == "auto" or rule.type_ok(v), lambda v: v == "auto" or rule.range_ok(v),
+                "auto or " + rule.allowed)

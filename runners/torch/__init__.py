@@ -1,6 +1,6 @@
 """PyTorch via PyTorch Lightning: the declaration (no framework is imported here)."""
 from cnnzoo.core.backend import BackendInfo
-from cnnzoo.core.rules import BOOLEAN, NON_NEGATIVE_INT
+from cnnzoo.core.rules import BOOLEAN, NON_NEGATIVE_INT, or_auto
 
 INFO = BackendInfo(
     name="torch",
@@ -8,6 +8,7 @@ INFO = BackendInfo(
     install="pip install 'cnnzoo[torch]'",
     modules=("torch", "pytorch_lightning"),
     packages=("torch", "pytorch-lightning", "onnxscript"),
-    options={"channels_last": BOOLEAN, "num_workers": NON_NEGATIVE_INT},
+    options={"channels_last": BOOLEAN, "num_workers": or_auto(NON_NEGATIVE_INT),
+             "compile": BOOLEAN},
     conf="runners.torch.conf",
 )

@@ -24,6 +24,36 @@ from .model import SpecModule
 from .train import check_gpus, fit
 
 
+MAX_AUTO_WORKERS = 8
+# below this, a batch's preprocessing costs less than handing it over from a worker (on an
+# H200 host: LeNet-5's 128 KB batches 8,742 images/s without workers, 6,851 with 8; ResNet-50's
+# 77 MB batches 1,079 without, 2,333 with 8; docs/benchmarks.md, GPU)
+AUTO_WORKERS_MIN_BATCH_BYTES = 4 * 2**20
+
+
+def trains_on_cuda(hw) -> bool:
+    """Whether Lightning will train on CUDA GPUs (``accelerator: auto`` takes one if any)."""
+    return hw.accelerator == "gpu" or (hw.accelerator == "auto" and torch.cuda.is_available())
+
+
+def loader_workers(cfg, on_cuda: bool, batch_bytes: int) -> int:
+    """``backend.num_workers``. auto: none on the CPU, where the steps already use every core
+    and workers only compete with them, nor for batches under
+    ``AUTO_WORKERS_MIN_BATCH_BYTES``; else, so that the preprocessing of the next batches
+    overlaps the GPU's steps, the cores this process may use, shared by the training
+    processes on this machine, less one for each process's own loop, at most
+    ``MAX_AUTO_WORKERS``."""
+    wanted = cfg.backend.num_workers
+    if wanted != "auto":
+        return wanted
+    if not on_cuda or batch_bytes < AUTO_WORKERS_MIN_BATCH_BYTES:
+        return 0
+    devices = cfg.hardware.devices
+    processes = torch.cuda.device_count() if devices == -1 else devices
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(MAX_AUTO_WORKERS, (cores or 1) // max(1, processes) - 1))
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -51,9 +81,11 @@ class TorchBackend(Backend):
 
     def input_pipeline(self, split, shuffle: bool):
         """A DataLoader of whole batches in ``epoch_order`` (``data.input_pipeline``);
-        ``loader.sampler.set_epoch`` picks the epoch."""
-        return data.input_pipeline(split, shuffle, self.cfg.data.batch_size, self.cfg.seed,
-                                   self.cfg.backend.num_workers)
+        ``loader.sampler.set_epoch`` picks the epoch. On a CUDA device its batches are pinned."""
+        on_cuda, batch = trains_on_cuda(self.cfg.hardware), self.cfg.data.batch_size
+        workers = loader_workers(self.cfg, on_cuda, batch * split.preprocess.image_bytes)
+        return data.input_pipeline(split, shuffle, batch, self.cfg.seed, workers,
+                                   pin_memory=on_cuda)
 
     def train(self, model, train, val, resume=None) -> TrainReport:
         check_gpus(self.cfg.hardware)

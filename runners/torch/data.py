@@ -54,15 +54,18 @@ class SplitBatches(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def input_pipeline(split, shuffle: bool, batch_size: int, seed: int, num_workers: int = 0):
+def input_pipeline(split, shuffle: bool, batch_size: int, seed: int, num_workers: int = 0,
+                   pin_memory: bool = False):
     """A DataLoader of whole batches (``EpochBatches``: one item per batch, so
     ``batch_size=None``), the same batches in the same order as ``split.take`` of
-    ``epoch_order``; ``loader.sampler.set_epoch`` picks the epoch."""
+    ``epoch_order``; ``loader.sampler.set_epoch`` picks the epoch. ``pin_memory`` (for a CUDA
+    device): batches in page-locked memory, which Lightning copies to the GPU without
+    blocking the host."""
     if num_workers > 0:  # workers fork from here: they share the kept images, never copy them
         split.fill_memory()
     # a generator of its own: starting an iterator draws a seed, which from the global
     # generator (dropout's) would shift its numbers differently in a resumed run
     return torch.utils.data.DataLoader(
         SplitBatches(split), batch_size=None, num_workers=num_workers,
-        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
         sampler=EpochBatches(len(split), batch_size, seed, shuffle))

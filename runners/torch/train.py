@@ -64,10 +64,12 @@ class Classifier(pl.LightningModule):
 
     STAGES = ("train", "val")
 
-    def __init__(self, net: SpecModule, optim: Optimizer, max_epochs: int, channels_last: bool):
+    def __init__(self, net: SpecModule, optim: Optimizer, max_epochs: int, channels_last: bool,
+                 compile: bool = False):
         super().__init__()
         self.net, self.optim, self.max_epochs = net, optim, max_epochs
-        self.channels_last = channels_last
+        self.channels_last, self.compile_net = channels_last, compile
+        self._compiled = None  # torch.compile of net.forward, made in the training process
         self._loss_sum, self._correct, self._seen = {}, {}, {}
         for stage in self.STAGES:
             self._reset_sums(stage)
@@ -84,6 +86,13 @@ class Classifier(pl.LightningModule):
     def _reset_divergence(self):
         self._bad_batch = torch.tensor(_NO_BATCH, device=self.device)  # 0-based batch index
         self._bad_loss = torch.tensor(0.0, device=self.device)
+
+    def setup(self, stage):
+        """With ``backend.compile``: the compiled forward is a plain function attribute, not a
+        second module, so the checkpoint's keys, the exported module and ``ddp_spawn``'s copy
+        of this object (made before setup) are those of the eager network."""
+        if self.compile_net and self._compiled is None:
+            self._compiled = torch.compile(self.net.forward)
 
     def on_train_start(self):
         """After a resume, the config's optimizer hyperparameters and schedule position win
@@ -151,7 +160,7 @@ class Classifier(pl.LightningModule):
     def forward(self, x):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(x) if self._compiled is None else self._compiled(x)
 
     def _step(self, batch, stage: str, batch_idx: int = 0):
         x, y = batch
@@ -249,7 +258,7 @@ def fit(cfg, run_dir: Path, net: SpecModule, train_loader, val_loader, resume=No
     if resume is not None:  # Lightning starts the first iterator (workers prefetch) before
         train_loader.sampler.set_epoch(resume.epoch)  # it sets the resumed epoch
     classifier = Classifier(net, Optimizer.from_config(cfg.optim), cfg.trainer.max_epochs,
-                            cfg.backend.channels_last)
+                            cfg.backend.channels_last, cfg.backend.compile)
     # resuming restores weights, optimizer, schedulers and loop counters (weights_only)
     resume_from = {"ckpt_path": resume.file(CHECKPOINT)} if resume is not None else {}
     if resume is not None and "weights_only" in inspect.signature(trainer.fit).parameters:
