@@ -111,7 +111,8 @@ def loader_seconds(split, repeat: int, warmup: int = 0) -> list[float]:
 
     from runners.torch.backend import TorchBackend
     cfg = OmegaConf.create({"seed": SEED, "data": {"batch_size": BATCH},
-                            "backend": {"num_workers": 0}, "hardware": {"threads": None}})
+                            "backend": {"num_workers": 0},
+                            "hardware": {"threads": None, "accelerator": "cpu"}})
     loader = TorchBackend(cfg, ".").input_pipeline(split, shuffle=True)
     out = []
     for epoch in range(warmup + repeat):

@@ -158,17 +158,23 @@ def test_quick_run_json_and_markdown_agree_with_the_csv(quick_run):
 @pytest.mark.slow
 def test_gpu_check_runs_every_part_in_cpu_mode(tmp_path):
     """``python -m bench.gpu --device cpu``: the GPU command's own code paths (peak, default
-    job with its ONNX verification, SIGKILL resume, ResNet-50 product vs hand-written loop in
-    bf16-mixed) with tiny sizes, as a real subprocess."""
+    job with its ONNX verification, SIGKILL resume, LeNet-5's per-step costs, ResNet-50
+    product vs hand-written loop in bf16-mixed) with tiny sizes, as a real subprocess."""
     proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "gpu.csv").open()))
-    assert [r["check"] for r in rows] == ["peak", "default job", "resume", "resnet50",
-                                          "resnet50"]
+    assert [r["check"] for r in rows] == ["peak", "default job", "resume"] + ["lenet5"] * 5 \
+        + ["resnet50"] * 3
     assert all(r["passed"] == "True" for r in rows)
     assert "resumed from epoch 1" in rows[2]["note"]
-    assert float(rows[3]["value"]) > 0 and "product / hand-written" in rows[3]["note"]
     assert "ONNX on the CPU: max abs diff" in rows[1]["note"]
+    what = {(r["check"], r["what"]): r for r in rows}
+    assert set(what) >= {("lenet5", "minimal Lightning Trainer.fit"),
+                         ("lenet5", "minimal Lightning Fabric loop"),
+                         ("resnet50", "product (backend.train), backend.num_workers=0")}
+    for r in rows[3:]:
+        assert float(r["value"]) > 0
+        assert r["what"].startswith("product") == ("product / hand-written" in r["note"])
     assert (tmp_path / "gpu.md").read_text().startswith("# GPU check: ")

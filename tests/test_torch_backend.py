@@ -157,6 +157,65 @@ def test_input_pipeline_yields_the_data_layers_batches(tmp_path, augment, worker
         np.testing.assert_array_equal(y.numpy(), want_y)
 
 
+@pytest.mark.parametrize("preset, batch, workers, on_cuda", [
+    ("hardware=cpu", 256, "auto", False),      # the steps use every core: no workers
+    ("hardware=gpu", 8, "auto", True),         # 8 x 16 KB batches: cheaper than a hand-off
+    ("hardware=gpu", 256, "auto", True),       # 4 MiB batches: workers, pinned
+    ("hardware=gpu", 8, 2, True),              # an explicit count is kept
+    ("hardware=cpu", 256, 1, False),
+])
+def test_loader_workers_and_pinning_follow_the_device_and_batch_size(tmp_path, preset, batch,
+                                                                     workers, on_cuda):
+    """``backend.num_workers: auto`` gives DataLoader workers only where batches go to a CUDA
+    GPU and are large enough (``AUTO_WORKERS_MIN_BATCH_BYTES``): one per core this process may
+    use, less its own, at most ``MAX_AUTO_WORKERS``; batches for a GPU are pinned."""
+    from cnnzoo.core.data import Preprocess, load_digits
+    from runners.torch.backend import AUTO_WORKERS_MIN_BATCH_BYTES, MAX_AUTO_WORKERS
+
+    cfg = compose_cfg(preset, f"data.batch_size={batch}", f"backend.num_workers={workers}")
+    pre = Preprocess(64, 1, (0.5,), (0.5,))  # 16 KB per image
+    train, _ = load_digits().split(pre, 0.5, seed=0)
+    loader = TorchBackend(cfg, tmp_path).input_pipeline(train, shuffle=True)
+    cores = len(os.sched_getaffinity(0))
+    big = batch * pre.image_bytes >= AUTO_WORKERS_MIN_BATCH_BYTES
+    want = workers if workers != "auto" else \
+        min(MAX_AUTO_WORKERS, cores - 1) if on_cuda and big else 0
+    assert loader.num_workers == want
+    assert loader.pin_memory is on_cuda
+
+
+def test_compiled_network_trains_like_the_eager_one_and_saves_the_same_files(tmp_path):
+    """``backend.compile=true``: torch.compile (inductor, on the CPU) of the network trains to
+    the eager run's weights and metrics within float tolerance; the checkpoint holds the same
+    keys, and the model exports to ONNX as without it."""
+    from torch._dynamo.utils import counters
+
+    from cnnzoo.app.experiment import build_model, prepare
+
+    runs = {}
+    counters.clear()
+    for compiled in (False, True):
+        # no dropout: compiled code draws its masks from a generator of its own
+        cfg = compose_cfg(*SMALL, "data.limit=96", "trainer.max_epochs=1",
+                          "arch.options.dropout=0.0", f"backend.compile={str(compiled).lower()}")
+        exp, run_dir = prepare(cfg), tmp_path / str(compiled)
+        run_dir.mkdir()
+        backend, model, _ = build_model(cfg, run_dir, exp)
+        report = backend.train(model, exp.train_split, exp.val_split)
+        keys = torch.load(report.checkpoint, weights_only=True)["state_dict"].keys()
+        runs[compiled] = (report.history[-1], list(keys), backend.get_weights(model))
+        assert (counters["stats"]["unique_graphs"] > 0) is compiled  # dynamo made graphs
+        if compiled:
+            backend.export_onnx(model, run_dir / "model.onnx", exp.val_split.take([0])[0], 18)
+            assert (run_dir / "model.onnx").stat().st_size > 0
+    (eager, eager_keys, eager_w), (comp, comp_keys, comp_w) = runs[False], runs[True]
+    assert comp_keys == eager_keys and not any("_orig_mod" in k for k in comp_keys)
+    for k in ("train_loss", "val_loss", "train_acc", "val_acc"):
+        assert comp[k] == pytest.approx(eager[k], rel=1e-3, abs=1e-3), k
+    for name in eager_w:
+        np.testing.assert_allclose(comp_w[name], eager_w[name], atol=1e-5, err_msg=name)
+
+
 # LeNet-5 with dropout, SGD momentum and a cosine schedule on 160 digits: a resume matches only
 # if weights, optimizer and schedule state, generators and data order all continue exactly
 SMALL = ("hardware=cpu", "data.limit=200", "arch.options.dropout=0.3", "optim=sgd",

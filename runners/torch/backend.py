@@ -23,11 +23,10 @@ from . import weights as canonical
 from .model import SpecModule
 from .train import check_gpus, fit
 
-
 MAX_AUTO_WORKERS = 8
 # below this, a batch's preprocessing costs less than handing it over from a worker (on an
 # H200 host: LeNet-5's 128 KB batches 8,742 images/s without workers, 6,851 with 8; ResNet-50's
-# 77 MB batches 1,079 without, 2,333 with 8; docs/benchmarks.md, GPU)
+# 77 MB batches 1,042 without, 2,526 with 8; docs/benchmarks.md, GPU)
 AUTO_WORKERS_MIN_BATCH_BYTES = 4 * 2**20
 
 

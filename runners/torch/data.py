@@ -67,5 +67,6 @@ def input_pipeline(split, shuffle: bool, batch_size: int, seed: int, num_workers
     # generator (dropout's) would shift its numbers differently in a resumed run
     return torch.utils.data.DataLoader(
         SplitBatches(split), batch_size=None, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
         sampler=EpochBatches(len(split), batch_size, seed, shuffle))

@@ -65,10 +65,10 @@ class Classifier(pl.LightningModule):
     STAGES = ("train", "val")
 
     def __init__(self, net: SpecModule, optim: Optimizer, max_epochs: int, channels_last: bool,
-                 compile: bool = False):
+                 compile_net: bool = False):
         super().__init__()
         self.net, self.optim, self.max_epochs = net, optim, max_epochs
-        self.channels_last, self.compile_net = channels_last, compile
+        self.channels_last, self.compile_net = channels_last, compile_net
         self._compiled = None  # torch.compile of net.forward, made in the training process
         self._loss_sum, self._correct, self._seen = {}, {}, {}
         for stage in self.STAGES:
