@@ -180,7 +180,7 @@ FRAMEWORK_LOOP = "framework loop"
 for _b in ("torch", "keras", "mxnet"):
     HAND_DESCRIPTIONS[(_b, PIPELINE)] = "diagnostic: hand-written step, product input_pipeline"
 HAND_DESCRIPTIONS[("torch", FRAMEWORK_LOOP)] = \
-    "diagnostic: minimal LightningModule, Trainer.fit, preloaded batches"
+    "diagnostic: minimal Lightning Fabric loop, preloaded batches"
 HAND_DESCRIPTIONS[("keras", FRAMEWORK_LOOP)] = \
     "diagnostic: model.fit with the loss only, preloaded batches"
 KERAS_STEPS_PER_CALL = 16  # backend.steps_per_execution=auto on one device
@@ -237,49 +237,33 @@ def _torch_loop(build, x, y, args, product_epoch):
     if args.get("diagnose_pipeline"):  # NCHW, as the product's default
         step = trainer(build().train())
         yield PIPELINE, _timings(step, lambda _: None, None, args, product_epoch)
-        yield FRAMEWORK_LOOP, _lightning_epochs(build, xs, ys, args)
+        yield FRAMEWORK_LOOP, _fabric_epochs(build, xs, ys, args)
 
 
-def _lightning_epochs(build, xs, ys, args) -> list[float]:
-    """The least a Lightning loop costs: a module whose step is only the loss, Trainer.fit
-    with no logger, checkpoint, progress bar or validation, on the preloaded channels-last
-    batches (the product's default layout); one warm-up epoch, then one epoch per repetition."""
-    import pytorch_lightning as pl
+def _fabric_epochs(build, xs, ys, args) -> list[float]:
+    """The least the product's loop costs: the hand-written step through Lightning Fabric
+    (``setup``, ``fabric.backward``, as ``runners/torch/train.py``) on the preloaded
+    channels-last batches (the product's default layout), with nothing else per step; one
+    warm-up epoch, then one epoch per repetition."""
+    import lightning_fabric
     import torch
     import torch.nn.functional as F
 
     bs, steps = args["batch"], args["steps"]
     xs = xs.contiguous(memory_format=torch.channels_last)
     batches = _batches([(xs[i:i + bs], ys[i:i + bs]) for i in range(0, len(ys), bs)], steps)
+    fabric = lightning_fabric.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    net = build().to(memory_format=torch.channels_last)
+    net, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM,
+                                                 weight_decay=WEIGHT_DECAY))
 
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = build().to(memory_format=torch.channels_last)
+    def step(xb, yb):
+        opt.zero_grad(set_to_none=True)
+        fabric.backward(F.cross_entropy(net(xb), yb))
+        opt.step()
 
-        def training_step(self, batch, _):
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM,
-                                   weight_decay=WEIGHT_DECAY)
-
-    class Clock(pl.Callback):
-        def __init__(self):
-            self.seconds: list[float] = []
-
-        def on_train_epoch_start(self, *_):
-            self.t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, *_):
-            self.seconds.append(time.perf_counter() - self.t0)
-
-    clock = Clock()
-    trainer = pl.Trainer(max_epochs=1 + args["reps"], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
-    trainer.fit(Plain(), torch.utils.data.DataLoader(batches, batch_size=None))
-    return clock.seconds[1:]
+    _run(step, lambda _: None, batches)
+    return timed(lambda: _run(step, lambda _: None, batches), 0, args["reps"])
 
 
 def _keras_loop(build, x, y, args, product_epoch):

@@ -203,14 +203,21 @@ def test_bf16_mixed_trains_on_the_cpu_and_exports_a_float32_onnx_model(backend, 
     assert onnx.TensorProto.BFLOAT16 not in {t.data_type for t in graph.initializer}
 
 
-def test_ddp_on_two_cpu_processes_writes_one_run_directory(cli):
-    r = cli("hardware=ddp_cpu", "trainer.max_epochs=1", "export.batch_sizes=[1,8]",
-            "export.num_images=16")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = r.results()
-    assert res["hardware"]["devices"] == 2 and res["export"]["passed"] is True
-    assert len(list(csv.DictReader((r.run_dir / "metrics.csv").open()))) == 1  # rank 0 only
-    assert (r.run_dir / "train_ddp_process_1.log").exists()  # the worker used the same directory
+def test_ddp_on_two_cpu_processes_writes_one_run_directory(tmp_path):
+    """DDP over two processes: the second one re-runs the command (ddp) or is spawned
+    (ddp_spawn); both strategies deal the same batches and train the same weights."""
+    runs = {}
+    for strategy in ("ddp", "ddp_spawn"):
+        r = run_cli(tmp_path / strategy, "hardware=ddp_cpu", f"hardware.strategy={strategy}",
+                    "trainer.max_epochs=1", "export.batch_sizes=[1,8]", "export.num_images=16")
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[strategy] = res = r.results()
+        assert res["hardware"]["devices"] == 2 and res["export"]["passed"] is True
+        assert len(list(csv.DictReader((r.run_dir / "metrics.csv").open()))) == 1  # rank 0
+        # the re-run worker used the same directory
+        assert (r.run_dir / "train_ddp_process_1.log").exists() == (strategy == "ddp")
+    assert runs["ddp"]["weights_sha256"] == runs["ddp_spawn"]["weights_sha256"]
+    assert runs["ddp"]["metrics"] == runs["ddp_spawn"]["metrics"]
 
 
 # vgg16 runs under its alias "vgg", as `python run.py arch=vgg arch.input_size=32` in the README

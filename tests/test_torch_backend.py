@@ -84,14 +84,12 @@ def test_third_party_backend_registers_by_installing_a_package(tmp_path, monkeyp
 
 
 def test_auxiliary_classifiers_join_the_training_loss():
-    from cnnzoo.core.optim import Optimizer
     from runners.torch.train import Classifier
 
     spec = architectures.build_spec("inception_v1", num_classes=4, aux_logits=True)
     cfg = compose_cfg("arch=inception_v1")
     net = TorchBackend(cfg, ".").build(spec, 32)
-    clf = Classifier(net, Optimizer.from_config(cfg.optim), 1,  # no Trainer attached
-                     channels_last=False)
+    clf = Classifier(net, channels_last=False)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     net.train()
     torch.manual_seed(0)  # same dropout masks in both forward passes
@@ -99,7 +97,7 @@ def test_auxiliary_classifiers_join_the_training_loss():
     ce = torch.nn.functional.cross_entropy
     expected = ce(main, y) + 0.3 * (ce(aux1, y) + ce(aux2, y))
     torch.manual_seed(0)
-    loss = clf.training_step((x, y), 0)
+    loss, _ = clf(x, y)
     assert torch.allclose(loss, expected) and loss > ce(main, y)
 
 
@@ -247,18 +245,27 @@ class _Crash(Exception):
 def test_epoch_folders_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch, options):
     """A crash inside epoch 2, then a resume: the weights equal an uninterrupted run's (with
     DataLoader workers too, which prefetch the resumed epoch's first batches)."""
-    from runners.torch.train import ProtocolHooks
+    from cnnzoo.core.training import TrainingProtocol
 
     backend, model, first = _train(tmp_path / "straight", 2, None, *options)
     straight = weights_sha256(backend.get_weights(model))
     assert first.checkpoint == tmp_path / "straight" / "checkpoints" / "epoch-0002" / CHECKPOINT
 
-    def crash_in_epoch_2(self, trainer, *args):
-        if trainer.current_epoch == 1 and args[-1] == 2:  # the third batch of the second epoch
+    real_start, real_step, at = TrainingProtocol.start_epoch, TrainingProtocol.step, {}
+
+    def start(self, epoch, *args):
+        at.update(epoch=epoch, step=0)
+        return real_start(self, epoch, *args)
+
+    def crash_in_epoch_2(self, *args):
+        at["step"] += 1
+        if at == {"epoch": 1, "step": 3}:  # after the third step of the second epoch
             raise _Crash
+        return real_step(self, *args)
     run = tmp_path / "resumed"
     with monkeypatch.context() as m:
-        m.setattr(ProtocolHooks, "on_train_batch_end", crash_in_epoch_2)
+        m.setattr(TrainingProtocol, "start_epoch", start)
+        m.setattr(TrainingProtocol, "step", crash_in_epoch_2)
         with pytest.raises(_Crash):
             _train(run, 2, None, *options)
     one = CheckpointDir(run).latest()

@@ -1,4 +1,4 @@
-"""PyTorch via PyTorch Lightning: the declaration (no framework is imported here)."""
+"""PyTorch on Lightning Fabric: the declaration (no framework is imported here)."""
 from cnnzoo.core.backend import BackendInfo
 from cnnzoo.core.rules import BOOLEAN, NON_NEGATIVE_INT, or_auto
 
@@ -6,7 +6,7 @@ INFO = BackendInfo(
     name="torch",
     implementation="runners.torch.backend:TorchBackend",
     install="pip install 'cnnzoo[torch]'",
-    modules=("torch", "pytorch_lightning"),
+    modules=("torch", "lightning_fabric"),
     packages=("torch", "pytorch-lightning", "onnxscript"),
     options={"channels_last": BOOLEAN, "num_workers": or_auto(NON_NEGATIVE_INT),
              "compile": BOOLEAN},

@@ -1,19 +1,19 @@
-"""PyTorch backend: the spec as an ``nn.Module`` (``model``), trained with PyTorch Lightning
-(``train``) on a DataLoader of the data layer's batches (``data``).
+"""PyTorch backend: the spec as an ``nn.Module`` (``model``), trained in a loop on Lightning
+Fabric (``train``) over a DataLoader of the data layer's batches (``data``).
 
 Files: ``metrics.csv``, ``tensorboard/`` and ``checkpoints/epoch-NNNN/`` come from
-``cnnzoo.core.training.TrainingProtocol``; each epoch folder holds ``model.ckpt``, a Lightning
-checkpoint of the full training state (``state``), and resuming hands it to
-``Trainer.fit(ckpt_path=...)``. Every load is ``torch.load(weights_only=True)``: tensors and
-plain containers only, never code."""
+``cnnzoo.core.training.TrainingProtocol``; each epoch folder holds ``model.ckpt``, the full
+training state (``state``), which a resume loads before its first epoch. Every load is
+``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import seed_everything
 
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.training import TrainReport
@@ -60,16 +60,16 @@ class TorchBackend(Backend):
         super().__init__(cfg, run_dir)
         if cfg.hardware.threads:
             torch.set_num_threads(cfg.hardware.threads)
-        self._trainer = None
+        self._fabric = None
 
     @property
     def is_main_process(self) -> bool:
-        if self._trainer is not None:
-            return self._trainer.is_global_zero
+        if self._fabric is not None:
+            return self._fabric.is_global_zero
         return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
     def build(self, spec, input_size):
-        pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        seed_everything(self.cfg.seed, workers=True, verbose=False)
         net = SpecModule(spec, input_size)
         if self.cfg.backend.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -78,20 +78,25 @@ class TorchBackend(Backend):
     def count_params(self, model) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def input_pipeline(self, split, shuffle: bool):
-        """A DataLoader of whole batches in ``epoch_order`` (``data.input_pipeline``);
-        ``loader.sampler.set_epoch`` picks the epoch. On a CUDA device its batches are pinned."""
+    def input_pipeline(self, split, shuffle: bool, rank: int = 0, world: int = 1):
+        """A DataLoader of whole batches in ``epoch_order`` (``data.input_pipeline``), process
+        ``rank``'s share of ``world``; ``loader.sampler.set_epoch`` picks the epoch. On a CUDA
+        device its batches are pinned."""
         on_cuda, batch = trains_on_cuda(self.cfg.hardware), self.cfg.data.batch_size
         workers = loader_workers(self.cfg, on_cuda, batch * split.preprocess.image_bytes)
         return data.input_pipeline(split, shuffle, batch, self.cfg.seed, workers,
-                                   pin_memory=on_cuda)
+                                   pin_memory=on_cuda, rank=rank, world=world)
 
     def train(self, model, train, val, resume=None) -> TrainReport:
         check_gpus(self.cfg.hardware)
-        train_loader, val_loader = self.input_pipeline(train, True), self.input_pipeline(val, False)
-        self._trainer, report = fit(self.cfg, self.run_dir, model, train_loader, val_loader,
-                                    resume)
+        loaders = functools.partial(self._loaders, train, val)
+        self._fabric, report = fit(self.cfg, self.run_dir, model, loaders, resume)
         return report
+
+    def _loaders(self, train, val, rank: int, world: int):
+        """One process's training and validation loaders (called in the process that trains)."""
+        return self.input_pipeline(train, True, rank, world), \
+            self.input_pipeline(val, False, rank, world)
 
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         model = model.cpu().float().eval()

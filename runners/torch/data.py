@@ -9,33 +9,40 @@ from cnnzoo.core.data import epoch_order
 class EpochBatches(torch.utils.data.Sampler):
     """The data layer's per-epoch order (``epoch_order``) cut into batches: each item is one
     whole batch, ``(indices, epoch)``, which ``SplitBatches`` fetches with one vectorised
-    ``Split.take`` (no per-image ``__getitem__``, no collation). Lightning calls set_epoch;
-    the items carry the epoch, since an augmented split's images depend on it and DataLoader
-    worker processes never see set_epoch.
+    ``Split.take`` (no per-image ``__getitem__``, no collation). The items carry the epoch,
+    since an augmented split's images depend on it and DataLoader worker processes never see
+    ``set_epoch``.
 
-    Under DDP Lightning wraps this sampler in its ``DistributedSamplerWrapper``, which deals
-    out whole batches: for training in an order of its own (a permutation seeded from the
-    run's seed and the epoch, so resumes and reruns repeat it), for validation in turn. Every
-    process then trains on ``data.batch_size`` images per step, so a step's global batch is
-    ``data.batch_size`` x processes, as with a per-image distributed sampler, and each batch
-    holds the same images as on one device. When the processes do not divide the number of
-    batches, the wrapper repeats a few whole batches (fewer than the processes) so that every
-    process takes the same number of steps; those repeats count in the epoch's means."""
+    Over ``world`` processes (DDP) the batches are dealt in turn: process ``rank`` takes
+    batches rank, rank + world, ... of the epoch's order. Every process then trains on
+    ``data.batch_size`` images per step, so a step's global batch is ``data.batch_size`` x
+    processes, and each batch holds the same images as on one device. When the processes do
+    not divide the number of batches, the first few batches are dealt again (fewer than the
+    processes), so that every process takes the same number of steps; those repeats count in
+    the epoch's means."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0,
+                 world: int = 1):
         self.n, self.batch_size, self.seed, self.shuffle, self.epoch = n, batch_size, seed, \
             shuffle, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        return -(-self._batches() // self.world)
+
+    def _batches(self) -> int:
         return -(-self.n // self.batch_size)
 
     def __iter__(self):
         order, epoch, bs = epoch_order(self.n, self.seed, self.epoch, self.shuffle), self.epoch, \
             self.batch_size
-        return iter([(order[i:i + bs], epoch) for i in range(0, self.n, bs)])
+        starts = range(0, self.n, bs)
+        dealt = [starts[k % len(starts)] for k in range(self.rank, len(self) * self.world,
+                                                          self.world)] if len(starts) else []
+        return iter([(order[i:i + bs], epoch) for i in dealt])
 
 
 class SplitBatches(torch.utils.data.Dataset):
@@ -55,12 +62,12 @@ class SplitBatches(torch.utils.data.Dataset):
 
 
 def input_pipeline(split, shuffle: bool, batch_size: int, seed: int, num_workers: int = 0,
-                   pin_memory: bool = False):
+                   pin_memory: bool = False, rank: int = 0, world: int = 1):
     """A DataLoader of whole batches (``EpochBatches``: one item per batch, so
     ``batch_size=None``), the same batches in the same order as ``split.take`` of
-    ``epoch_order``; ``loader.sampler.set_epoch`` picks the epoch. ``pin_memory`` (for a CUDA
-    device): batches in page-locked memory, which Lightning copies to the GPU without
-    blocking the host."""
+    ``epoch_order`` (process ``rank`` of ``world``: its share of them);
+    ``loader.sampler.set_epoch`` picks the epoch. ``pin_memory`` (for a CUDA device): batches
+    in page-locked memory, which are copied to the GPU without blocking the host."""
     if num_workers > 0:  # workers fork from here: they share the kept images, never copy them
         split.fill_memory()
     # a generator of its own: starting an iterator draws a seed, which from the global
@@ -69,4 +76,4 @@ def input_pipeline(split, shuffle: bool, batch_size: int, seed: int, num_workers
         SplitBatches(split), batch_size=None, num_workers=num_workers,
         persistent_workers=num_workers > 0, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
-        sampler=EpochBatches(len(split), batch_size, seed, shuffle))
+        sampler=EpochBatches(len(split), batch_size, seed, shuffle, rank, world))

@@ -1,11 +1,11 @@
-"""Checkpoint files: the training state Lightning writes into each epoch folder, plain weight
-files, and the one safe way every one of them is read.
+"""Checkpoint files: the training state in each epoch folder, plain weight files, and the one
+safe way every one of them is read.
 
-``checkpoints/epoch-NNNN/model.ckpt`` is a Lightning checkpoint of the full training state
-(weights, optimizer and scheduler state, loop counters); resuming hands it to
-``Trainer.fit(ckpt_path=...)``. Generators need no saved state: each epoch reseeds them from
-(seed, epoch). Every load is ``torch.load(weights_only=True)``: tensors and plain containers
-only, never code."""
+``checkpoints/epoch-NNNN/model.ckpt`` holds the full training state (``training_state``:
+weights, optimizer and schedule state, epochs done) in the layout of a Lightning ``Trainer``
+checkpoint, which earlier versions wrote and which therefore still resumes. Generators need
+no saved state: each epoch reseeds them from (seed, epoch). Every load is
+``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
 from __future__ import annotations
 
 import pickle
@@ -14,24 +14,27 @@ import warnings
 from pathlib import Path
 
 import torch
-from pytorch_lightning.plugins import TorchCheckpointIO
 
 from cnnzoo.core.errors import CheckpointError
 
 CHECKPOINT = "model.ckpt"  # in each checkpoints/epoch-NNNN folder
 
 
-def write_training_state(trainer, folder: Path) -> None:
-    """The trainer's full state into ``folder`` (collective under DDP: every process calls it,
-    only the first writes)."""
-    trainer.save_checkpoint(Path(folder) / CHECKPOINT, weights_only=False)
+def training_state(net, opt, schedule, epochs_done: int) -> dict:
+    """What an epoch folder's ``model.ckpt`` holds: the network's weights under ``net.``,
+    the optimizer's and the schedule's state, the epochs done."""
+    return {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "optimizer_states": [opt.state_dict()],
+            "lr_schedulers": [schedule.state_dict()] if schedule is not None else [],
+            "epoch": epochs_done}
 
 
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint files, always loaded with ``weights_only=True``."""
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return load_state(path)
+def net_weights(state: dict) -> dict:
+    """The network's weights from a ``training_state`` (or a plain ``save_weights`` file)."""
+    if "state_dict" not in state:
+        return state
+    return {k[len("net."):]: v for k, v in state["state_dict"].items()
+            if isinstance(k, str) and k.startswith("net.")}
 
 
 def save_weights(model, path: Path) -> None:
@@ -43,11 +46,8 @@ def load_weights(model, path: Path) -> None:
     """The weights of ``path`` (a ``save_weights`` file or a training checkpoint) into
     ``model``; ``CheckpointError`` for a file that is damaged, does not fit, or would run code."""
     state = load_state(path)
-    if "state_dict" in state:  # a Lightning checkpoint: weights live under "net."
-        state = {k[len("net."):]: v for k, v in state["state_dict"].items()
-                 if isinstance(k, str) and k.startswith("net.")}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(net_weights(state))
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: does not fit this model: {one_line(err)}") from None
 
