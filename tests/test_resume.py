@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 from conftest import compose_cfg
+from omegaconf import OmegaConf
 
 from cnnzoo.app.resume import prepare_run_dir, resume_point
 from cnnzoo.core.checkpoints import CheckpointDir, epoch_seed, seed_python_numpy, weights_sha256
@@ -121,6 +122,21 @@ def test_changed_training_config_is_refused_naming_each_key(tmp_path):
     assert "optim.lr: the run was started with 0.001, now 0.5" in message
     assert "trainer.max_epochs: the run was started with 5, now 6" in message
     assert "another hydra.run.dir" in message
+
+
+def test_weight_neutral_and_newer_options_do_not_block_a_resume(tmp_path):
+    """A backend's weight-neutral option (torch's DataLoader workers) may change, and an option
+    the run's config.yaml lacks (written by an earlier version) takes its current value; a
+    training option of the same backend still may not change."""
+    _started_run(tmp_path, "backend.num_workers=0")
+    saved = tmp_path / "config.yaml"
+    old = OmegaConf.load(saved)
+    del old.backend["compile"]  # an option added after the run started
+    OmegaConf.save(old, saved)
+    assert resume_point(compose_cfg("backend.num_workers=2"), tmp_path).epoch == 2
+    with pytest.raises(CheckpointError, match="backend.channels_last: the run was started "
+                                              "with True, now False"):
+        resume_point(compose_cfg("backend.channels_last=false"), tmp_path)
 
 
 def test_checkpoint_of_another_backend_is_refused(tmp_path):

@@ -3,7 +3,9 @@
 Re-running the same command with the same run directory (``hydra.run.dir=...``, or a fixed
 ``hydra.sweep.dir`` for a sweep) continues after the last completed epoch. It is allowed only
 when the run directory's ``config.yaml`` (written when the run first started) asks for the
-same training; options that do not change the trained weights may differ (``_FREE``).
+same training; options that do not change the trained weights may differ (``_FREE``, and
+each backend's ``BackendInfo.weight_neutral``), and options the run's config does not have
+(added by a later version of cnnzoo) take their current values.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..core.backend import available_backends, backend_info
 from ..core.checkpoints import Checkpoint, CheckpointDir
 from ..core.errors import CheckpointError
 from ..core.rundir import RESTORE_OR_ELSEWHERE, MetricsLog
@@ -58,10 +61,12 @@ def saved_config(path: Path, fix: str) -> DictConfig:
 
 
 def config_changes(before: DictConfig, now: DictConfig) -> list[tuple[str, object, object]]:
-    """(key, before, now) for every training option that differs."""
+    """(key, before, now) for every training option that differs, except options ``before``
+    does not have (added by a later version) and those that leave the weights as they are."""
     a, b = (flatten(OmegaConf.to_container(c, resolve=True)) for c in (before, now))
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not _is_free(k)]
+    free = _FREE + _weight_neutral(now)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a)
+            if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in free)]
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None) -> None:
@@ -74,8 +79,12 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None) -
         MetricsLog(metrics).keep_epochs(resume.epoch if resume else 0)
 
 
-def _is_free(key: str) -> bool:
-    return any(key == f or key.startswith(f + ".") for f in _FREE)
+def _weight_neutral(cfg: DictConfig) -> tuple[str, ...]:
+    """The backend's options that never change the trained weights, as config keys."""
+    name = OmegaConf.select(cfg, "backend.name")
+    if name not in available_backends():
+        return ()
+    return tuple(f"backend.{k}" for k in backend_info(name).weight_neutral)
 
 
 __all__ = ["CheckpointError", "config_changes", "prepare_run_dir", "resume_point",

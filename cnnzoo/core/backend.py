@@ -48,6 +48,8 @@ class BackendInfo:
     modules: tuple[str, ...] = ()    # top-level modules it imports (checked, not imported)
     packages: tuple[str, ...] = ()   # distributions whose versions results.json records
     options: dict[str, Rule] = field(default_factory=dict)    # backend.<key> -> its rule
+    # options that never change the trained weights (a resumed run may set them otherwise)
+    weight_neutral: tuple[str, ...] = ()
     # config key -> the values this backend supports (e.g. "hardware.num_nodes": (1,));
     # anything else is refused before the data or the framework loads
     limits: dict[str, tuple] = field(default_factory=dict)

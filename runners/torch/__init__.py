@@ -10,5 +10,6 @@ INFO = BackendInfo(
     packages=("torch", "pytorch-lightning", "onnxscript"),
     options={"channels_last": BOOLEAN, "num_workers": or_auto(NON_NEGATIVE_INT),
              "compile": BOOLEAN},
+    weight_neutral=("num_workers",),  # the same batches from any number of workers
     conf="runners.torch.conf",
 )
