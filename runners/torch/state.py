@@ -2,7 +2,7 @@
 safe way every one of them is read.
 
 ``checkpoints/epoch-NNNN/model.ckpt`` holds the full training state (``training_state``:
-weights, optimizer and schedule state, epochs done) in the layout of a Lightning ``Trainer``
+weights, optimizer state, epochs done) in the layout of a Lightning ``Trainer``
 checkpoint, which earlier versions wrote and which therefore still resumes. Generators need
 no saved state: each epoch reseeds them from (seed, epoch). Every load is
 ``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
@@ -20,13 +20,11 @@ from cnnzoo.core.errors import CheckpointError
 CHECKPOINT = "model.ckpt"  # in each checkpoints/epoch-NNNN folder
 
 
-def training_state(net, opt, schedule, epochs_done: int) -> dict:
+def training_state(net, opt, epochs_done: int) -> dict:
     """What an epoch folder's ``model.ckpt`` holds: the network's weights under ``net.``,
-    the optimizer's and the schedule's state, the epochs done."""
+    the optimizer's state and the epochs done (the schedule's position follows from them)."""
     return {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "optimizer_states": [opt.state_dict()],
-            "lr_schedulers": [schedule.state_dict()] if schedule is not None else [],
-            "epoch": epochs_done}
+            "optimizer_states": [opt.state_dict()], "epoch": epochs_done}
 
 
 def net_weights(state: dict) -> dict:

@@ -186,7 +186,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
     if resume is not None:
         path = resume.file(CHECKPOINT)
         try:
-            restore(load_state(path), net, opt, schedule, optim, max_epochs, start)
+            restore(load_state(path), net, opt, schedule, start)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: cannot resume from it: {one_line(err)}") from None
     model, opt = fabric.setup(model, opt)
@@ -225,7 +225,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
             protocol.end_epoch(  # raises TrainingDiverged before anything is written
                 epoch, means, sums.seen["train"] * fabric.world_size, lr, first_bad,
                 lambda folder, done=epoch + 1: fabric.save(
-                    Path(folder) / CHECKPOINT, training_state(net, opt, schedule, done)))
+                    Path(folder) / CHECKPOINT, training_state(net, opt, done)))
             if schedule is not None:
                 schedule.step()
     finally:
@@ -235,26 +235,23 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
     return report, os.getpid()
 
 
-def restore(state: dict, net, opt, schedule, optim: Optimizer, max_epochs: int,
-            epochs_done: int) -> None:
-    """A checkpoint's weights, optimizer state and schedule into a fresh run (written by
+def restore(state: dict, net, opt, schedule, epochs_done: int) -> None:
+    """A checkpoint's weights and optimizer state into a fresh run (written by
     ``state.training_state``, or by the Lightning ``Trainer`` that earlier versions used:
-    the same keys). The config's optimizer hyperparameters and schedule position win over the
-    checkpoint's: they are the same unless the run's config was changed, which only the
-    Python API allows (task=train refuses to resume a changed config)."""
+    the same keys). The schedule's position follows from the epochs done, and the config's
+    optimizer hyperparameters win over the checkpoint's: they are the same unless the run's
+    config was changed, which only the Python API allows (task=train refuses to resume a
+    changed config)."""
     net.load_state_dict(net_weights(state))
-    opt.load_state_dict(state["optimizer_states"][0])
-    fresh = torch_optimizer(optim, [torch.zeros(1, requires_grad=True)])
-    fresh_schedule = torch_schedule(optim, fresh, max_epochs)
-    if fresh_schedule is not None:
+    if schedule is not None:
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore")
             for _ in range(epochs_done):
-                fresh_schedule.step()
-    for group in opt.param_groups:
-        group.update({k: v for k, v in fresh.param_groups[0].items() if k != "params"})
-    if schedule is not None:
-        schedule.load_state_dict(fresh_schedule.state_dict())
+                schedule.step()
+    config = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer_states"][0])  # the moments (and the saved rates)
+    for group, values in zip(opt.param_groups, config):
+        group.update(values)
 
 
 def use_deterministic_kernels() -> None:
