@@ -216,7 +216,8 @@ class Bench:
                                     "batch": j["args"]["batch"]}) for j in jobs])
 
     def product(self, backend: str, arch: str, batch: int, variant: list[str]) -> None:
-        args = {**self.train_args(arch, backend, batch), "variant": variant}
+        args = {**self.train_args(arch, backend, batch), "variant": variant,
+                "paired": arch_name(arch) in OVERHEAD_BOUND}
         self.run(f"{backend}: product train() {arch} batch {batch} "
                  f"{' '.join(variant) or 'default'}",
                  [{"task": "train_product", "args": args}],

@@ -22,6 +22,8 @@ if str(ROOT) not in sys.path:  # `python bench/data_pipeline.py` and the childre
     sys.path.insert(0, str(ROOT))
 
 SEED = 42
+# the hand-written loop timed in a product's own process: that product row's baseline
+SAME_PROCESS = "hand-written, in the product's process"
 BACKENDS = ("torch", "keras", "mxnet")
 VERSION_PACKAGES = {"torch": "torch", "pytorch_lightning": "pytorch-lightning",
                     "tensorflow": ("tensorflow-cpu", "tensorflow"), "keras": "keras",

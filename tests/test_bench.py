@@ -15,7 +15,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not an installed package
 from bench import report
 from bench.__main__ import PARTS, parse_args
-from bench.common import Row, Stats
+from bench.common import SAME_PROCESS, Row, Stats
 
 BACKENDS = ("torch", "keras", "mxnet")
 ROW_COLUMNS = ["part", "measurement", "arch", "backend", "variant", "input_size", "batch",
@@ -74,6 +74,22 @@ def test_verdicts_compare_product_with_the_fastest_hand_written_loop():
     assert pipe.status == "gap" and pipe.ratio == pytest.approx(900 / 195)
 
 
+def test_a_product_row_is_judged_against_the_hand_written_loop_of_its_own_process():
+    """LeNet-5's rates move by about 20% between processes: where the product's process also
+    timed the hand-written loop, that loop (same variant) is the baseline, not the fastest
+    loop of another process; a variant without one falls back to the fastest."""
+    rows = [_train("hand-written: plain loop, channels_last", "torch", 200.0),
+            _train("product: backend.train()", "torch", 150.0),
+            _train(SAME_PROCESS, "torch", 155.0),
+            _train("product: backend.train()", "torch", 150.0, variant="x=1"),
+            _train(SAME_PROCESS, "torch", 300.0, variant="y=1")]  # another variant's
+    report.judge_training(rows)
+    assert rows[1].ratio == pytest.approx(150 / 155) and rows[1].status == "pass"
+    assert rows[1].baseline.startswith(SAME_PROCESS)
+    assert rows[3].ratio == pytest.approx(0.75) and rows[3].status == "gap"
+    assert rows[2].status == rows[4].status == ""  # baselines are not judged
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -117,6 +133,8 @@ def test_quick_run_writes_csv_json_and_markdown(quick_run):
         assert product[0]["input_size"] == "32" and product[0]["batch"] == "32"
         assert product[0]["target"] and _positive(product[0]["ratio"])
         assert find("training", b, "hand-written")
+        paired = [r for r in find("training", b) if r["measurement"] == SAME_PROCESS]
+        assert len(paired) == 1 and product[0]["baseline"].startswith(SAME_PROCESS)
         assert find("efficiency", b, "product")[0]["unit"] == "fraction"
         native = find("inference", b, "native")
         ort = find("inference", b, "onnxruntime")

@@ -28,7 +28,7 @@ from export import export_and_verify
 from runners.keras.backend import KerasBackend, keras
 from runners.keras.data import to_nhwc
 from runners.keras.model import AdaptiveAvgPool2D, SpecPool2D, build_model, inference_model
-from runners.keras.state import CHECKPOINT
+from runners.keras.state import CHECKPOINT, FULL_MODEL
 from runners.keras.train import EpochCallback, divisor_at_most
 from runners.torch.model import SpecModule
 
@@ -484,7 +484,8 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, options):
     b.train(model, train, val)
     first = CheckpointDir(tmp_path / "cut").latest()
     assert first.epoch == 1 and first.state["backend"] == "keras"
-    assert sorted(p.name for p in first.path.iterdir()) == [CHECKPOINT, "state.json"]
+    # the run's last epoch: the .keras archive beside the training state
+    assert sorted(p.name for p in first.path.iterdir()) == [FULL_MODEL, CHECKPOINT, "state.json"]
     b, model, train, val = _toy_run(tmp_path, "cut", *options)
     report = b.train(model, train, val, first)
     assert [row["epoch"] for row in report.history] == [2, 3]
@@ -544,18 +545,19 @@ def _malicious(kind, good, path, marker):
 @pytest.mark.parametrize("kind", ["lambda", "pickled-weights", "foreign-function"])
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, kind):
     b, model, train, val = _toy_run(tmp_path, "good", epochs=1)
-    good = b.train(model, train, val).checkpoint
+    good = b.train(model, train, val).checkpoint.parent / FULL_MODEL
     marker = tmp_path / "code-ran"
+    # a folder as earlier versions wrote it: the .keras archive alone, which a resume loads
     folder = tmp_path / "run/checkpoints/epoch-0001"
     folder.mkdir(parents=True)
     (folder / "state.json").write_text('{"epoch": 1, "backend": "keras"}')
-    _malicious(kind, good, folder / CHECKPOINT, marker)
+    _malicious(kind, good, folder / FULL_MODEL, marker)
     assert not marker.exists()
 
     with pytest.raises(CheckpointError) as err:
-        b.load_checkpoint(model, folder / CHECKPOINT)
+        b.load_checkpoint(model, folder / FULL_MODEL)
     message = str(err.value)
-    assert message.startswith(f"{folder / CHECKPOINT}: refused: ") and "\n" not in message
+    assert message.startswith(f"{folder / FULL_MODEL}: refused: ") and "\n" not in message
     assert message.endswith("; only checkpoints written by cnnzoo are loaded")
 
     b, model, train, val = _toy_run(tmp_path, "run", epochs=2)  # the resume path
@@ -565,8 +567,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 
 
 def test_an_interrupted_checkpoint_write_keeps_the_previous_epoch(tmp_path, monkeypatch):
-    """The second epoch's ``model.save`` writes half a file and fails (a full disk, a kill)."""
-    real_save, calls = keras.Model.save, []
+    """The second epoch's ``save_weights`` writes half a file and fails (a full disk, a kill)."""
+    real_save, calls = keras.Model.save_weights, []
 
     def half_then_fail(model, path, *args, **kwargs):
         calls.append(path)
@@ -576,7 +578,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_epoch(tmp_path, monk
             path.write_bytes(data[:len(data) // 2])
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(keras.Model, "save", half_then_fail)
+    monkeypatch.setattr(keras.Model, "save_weights", half_then_fail)
     b, model, train, val = _toy_run(tmp_path, "run", epochs=3)
     with pytest.raises(OSError, match="No space left"):
         b.train(model, train, val)
@@ -584,10 +586,33 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_epoch(tmp_path, monk
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]  # no stray temp folder
     kept = CheckpointDir(tmp_path / "run").latest()
     assert kept.epoch == 1
+    # not the run's last epoch: the training state alone, no .keras archive
+    assert sorted(p.name for p in kept.path.iterdir()) == [CHECKPOINT, "state.json"]
     monkeypatch.undo()
     b.load_checkpoint(model, kept.file(CHECKPOINT))
     b, model, train, val = _toy_run(tmp_path, "run", epochs=2)
     assert [r["epoch"] for r in b.train(model, train, val, kept).history] == [2]
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_from_its_keras_archive(tmp_path):
+    """Folders written before the weights file existed hold ``model.keras`` alone (weights
+    and optimizer state): a resume from one continues exactly."""
+    b, model, train, val = _toy_run(tmp_path, "full", epochs=2)
+    b.train(model, train, val)
+    want = b.get_weights(model)
+
+    b, model, train, val = _toy_run(tmp_path, "old", epochs=1)
+    b.train(model, train, val)
+    folder = CheckpointDir(tmp_path / "old").latest().path
+    (folder / CHECKPOINT).unlink()  # what an earlier version left: the archive alone
+    state = json.loads((folder / "state.json").read_text())
+    state["files"] = {k: v for k, v in state["files"].items() if k == FULL_MODEL}
+    (folder / "state.json").write_text(json.dumps(state))
+    b, model, train, val = _toy_run(tmp_path, "old", epochs=2)
+    report = b.train(model, train, val, CheckpointDir(tmp_path / "old").latest())
+    assert [row["epoch"] for row in report.history] == [2]
+    got = b.get_weights(model)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
 
 
 @pytest.mark.parametrize("lift, opset", [(None, 18), (1, 18), (500, 13), (1, 21)],
@@ -630,8 +655,10 @@ def test_default_job_trains_exports_and_verifies(cli):
     rows = list(csv.DictReader((r.run_dir / "metrics.csv").open()))
     assert [int(row["epoch"]) for row in rows] == list(range(1, 11))
     assert float(rows[-1]["val_acc"]) == pytest.approx(res["metrics"]["val_acc"], abs=1e-5)
-    assert res["checkpoint"] == "checkpoints/epoch-0010/model.keras"
+    assert res["checkpoint"] == "checkpoints/epoch-0010/model.weights.h5"
     assert [p.name for p in (r.run_dir / "checkpoints").iterdir()] == ["epoch-0010"]
+    whole = keras.models.load_model(r.run_dir / "checkpoints/epoch-0010" / FULL_MODEL)
+    assert whole.count_params() == 61_706  # the whole model, as Keras users load one
     assert len(res["weights_sha256"]) == 64
     assert list((r.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     meta = {p.key: p.value for p in onnx.load(str(r.run_dir / "model.onnx")).metadata_props}
@@ -659,7 +686,7 @@ def test_cli_refuses_to_resume_from_a_checkpoint_with_code(tmp_path):
     folder = run_dir / "checkpoints/epoch-0001"
     folder.mkdir(parents=True)
     (folder / "state.json").write_text('{"epoch": 1, "backend": "keras"}')
-    _lambda_model(marker).save(folder / CHECKPOINT)
+    _lambda_model(marker).save(folder / FULL_MODEL)
     marker.unlink()
     r = run_cli(run_dir, "backend=keras", "trainer.max_epochs=2", "export.enabled=false")
     assert r.returncode == 2 and len(r.error_lines) == 1, r.stderr[-2000:]

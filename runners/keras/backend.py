@@ -13,8 +13,9 @@ package together: ``model`` (spec -> Keras), ``data`` (input pipeline), ``train`
   ``data.batch_size`` images is split over the replicas (as the mxnet backend does).
   ``hardware.precision`` maps to Keras' mixed-precision policies; the logits layers stay float32.
 - Files in the run directory: ``metrics.csv``, ``tensorboard/`` and
-  ``checkpoints/epoch-NNNN/model.keras`` with ``state.json`` after every epoch, written by
-  ``cnnzoo.core.training.TrainingProtocol`` (the checkpoint's content: ``state``).
+  ``checkpoints/epoch-NNNN/model.weights.h5`` (and ``model.keras`` after the last epoch)
+  with ``state.json`` after every epoch, written by ``cnnzoo.core.training.
+  TrainingProtocol`` (the checkpoint's content: ``state``).
 """
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ class KerasBackend(Backend):
     # ---------------------------------------------------------------- files
     def save_checkpoint(self, model, path: Path) -> None:
         """``.keras``: the whole model (architecture, weights, optimizer state if compiled);
-        ``.weights.h5``: the weights only."""
+        ``.weights.h5``: the weights (and the optimizer's variables, if compiled)."""
         state.save_checkpoint(model, path)
 
     def load_checkpoint(self, model, path: Path) -> None:

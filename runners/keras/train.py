@@ -147,8 +147,9 @@ class EpochCallback(keras.callbacks.Callback):
             loss = means["train_loss"]
             bad = FirstBadStep(step - epoch * self.steps, loss if not math.isfinite(loss)
                                else math.inf)
+        last = epoch + 1 == self.protocol.max_epochs  # its folder gets the .keras archive too
         self.protocol.end_epoch(epoch, means, self.images_per_epoch, self.lr, bad,
-                                lambda folder: state.write_state(self.model, folder))
+                                lambda folder: state.write_state(self.model, folder, last))
 
 
 class LiveEpochCallback(EpochCallback):
@@ -210,9 +211,9 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
             jit_compile=cfg.backend.get("jit_compile", "auto"),
             steps_per_execution=divisor_at_most(steps_per_execution(cfg, devices), steps))
     if resume is not None:
-        state.restore(model, resume.file(state.CHECKPOINT), strategy)
+        state.restore(model, state.training_file(resume.path), strategy)
         if start >= max_epochs:  # nothing left to train
-            return TrainReport.nothing_trained(resume.file(state.CHECKPOINT), extra)
+            return TrainReport.nothing_trained(state.training_file(resume.path), extra)
     protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT)
     watch = LossWatch(strategy, model.optimizer.iterations)
     callback = (LiveEpochCallback if protocol.live else EpochCallback)(
@@ -225,4 +226,5 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
     finally:
         model.loss_hook = None
         protocol.close()
-    return protocol.report(extra, checkpoint=resume.file(state.CHECKPOINT) if resume else None)
+    return protocol.report(extra, checkpoint=state.training_file(resume.path) if resume
+                           else None)
