@@ -158,9 +158,10 @@ def threads_in_use(backend: str, configured: int | None) -> str:
         return f"default ({torch.get_num_threads()})"
     if backend == "keras":
         return f"default ({os.cpu_count()}: TensorFlow's intra-op pool)"
-    if backend == "mxnet":  # MXNet 1.9 on x86 without OMP_NUM_THREADS: half the logical CPUs
-        n = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // 2)
-        return f"default ({n}: MXNet's OpenMP)"
+    if backend == "mxnet":  # the backend's rule (runners/mxnet/compat.import_mxnet)
+        from runners.mxnet.compat import physical_cores
+        n = os.environ.get("OMP_NUM_THREADS") or physical_cores()
+        return f"default ({n}: every physical core)"
     return "default"
 
 

@@ -196,3 +196,22 @@ def test_gpu_check_runs_every_part_in_cpu_mode(tmp_path):
         assert float(r["value"]) > 0
         assert r["what"].startswith("product") == ("product / hand-written" in r["note"])
     assert (tmp_path / "gpu.md").read_text().startswith("# GPU check: ")
+
+
+# --------------------------------------------------------------------------- the loop floor
+def test_loop_floor_times_every_loop_against_the_hand_written_one():
+    """``python -m bench.loop_floor`` at tiny sizes: one row per loop, the hand-written one
+    the 1.000x reference, every rate positive."""
+    proc = subprocess.run([sys.executable, "-m", "bench.loop_floor", "--rounds", "2",
+                           "--steps", "3", "--batch", "4"], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| loop")]
+    assert [r[0].strip() for r in rows] == [
+        "hand-written (preloaded, channels-last)", "minimal Fabric loop (preloaded)",
+        "product step + epoch sums (preloaded)",
+        "product step + epoch sums (product input_pipeline)"]
+    assert rows[0][2].strip() == "1.000x"
+    assert all(_positive(r[1].strip().replace(",", "")) for r in rows)
+    assert all(_positive(r[2].strip().rstrip("x")) for r in rows)
