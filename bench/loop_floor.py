@@ -40,7 +40,7 @@ def loops(steps: int, batch: int) -> dict:
     from bench.common import compose
     from cnnzoo.app.experiment import build_model, prepare
     from runners.torch.data import input_pipeline
-    from runners.torch.train import Classifier, EpochSums
+    from runners.torch.train import Classifier, EpochSums, train_step
 
     cfg = compose(*config_overrides("lenet5", "torch", batch, 32, steps, 1))
     exp = prepare(cfg)
@@ -78,7 +78,7 @@ def loops(steps: int, batch: int) -> dict:
             fabric_opt.step()
 
     def product_step(batches):
-        """The product's step (runners/torch/train.py) over ``batches()``, with its sums."""
+        """The product's step (``runners.torch.train.train_step``) over ``batches()``."""
         inner = net()
         model, opt = fabric.setup(Classifier(inner, channels_last=True), sgd(inner))
         sums = EpochSums(fabric)
@@ -86,12 +86,7 @@ def loops(steps: int, batch: int) -> dict:
         def epoch():
             sums.start_epoch()
             for batch_ in batches():
-                xb, yb = fabric.to_device(batch_)
-                loss, logits = model(xb, yb)
-                opt.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                opt.step()
-                sums.add_train(loss, logits, yb)
+                train_step(fabric, model, opt, batch_, sums)
             sums.means(), sums.first_bad_step()
         return epoch
 

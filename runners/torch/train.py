@@ -213,12 +213,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
             model.train()
             train_loader.sampler.set_epoch(epoch)
             for _, batch in zip(range(steps), train_loader):
-                x, y = fabric.to_device(batch)
-                loss, logits = model(x, y)
-                opt.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                opt.step()
-                sums.add_train(loss, logits, y)
+                train_step(fabric, model, opt, batch, sums)
                 protocol.step(1, sums.running)
             if val_steps > 0:
                 protocol.begin_validation()
@@ -241,6 +236,17 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
     report = protocol.report({"device": str(fabric.device)}, checkpoint=resume.file(CHECKPOINT)
                              if resume is not None else None)
     return report, os.getpid()
+
+
+def train_step(fabric: Fabric, model, opt, batch, sums: EpochSums) -> None:
+    """One optimizer step of the set-up ``Classifier`` ``model`` on ``batch``; its loss and
+    predictions go to ``sums``."""
+    x, y = fabric.to_device(batch)
+    loss, logits = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    fabric.backward(loss)
+    opt.step()
+    sums.add_train(loss, logits, y)
 
 
 def restore(state: dict, net, opt, schedule, epochs_done: int) -> None:
