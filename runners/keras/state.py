@@ -49,8 +49,9 @@ def training_file(folder: Path) -> Path:
     """The file of an epoch folder that a resume loads: the weights file, or the ``.keras``
     archive that earlier versions wrote instead."""
     folder = Path(folder)
-    return folder / CHECKPOINT if (folder / CHECKPOINT).exists() or not \
-        (folder / FULL_MODEL).exists() else folder / FULL_MODEL
+    if not (folder / CHECKPOINT).exists() and (folder / FULL_MODEL).exists():
+        return folder / FULL_MODEL
+    return folder / CHECKPOINT
 
 
 def save_checkpoint(model, path: Path) -> None:
