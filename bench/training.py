@@ -71,7 +71,7 @@ def product(args: dict) -> list[Row]:
     from cnnzoo.app.experiment import build_model, prepare
 
     warmup, reps, variant = args["warmup"], args["reps"], list(args.get("variant", []))
-    paired = bool(args.get("paired"))
+    variant_name, paired = " ".join(variant) or "default", bool(args.get("paired"))
     hand = _same_process_hand(args, variant) if paired else {}
     cfg = compose(*config_overrides(args["arch"], args["backend"], args["batch"],
                                     args["input_size"], args["steps"], warmup + reps, variant))
@@ -91,7 +91,7 @@ def product(args: dict) -> list[Row]:
     threads = threads_in_use(args["backend"], cfg.hardware.threads)
     rows = [Row("training", "product: backend.train()", "throughput", "images/s",
                 Stats.of([images / t for t in walls]), **_common(args),
-                variant=" ".join(variant) or "default", threads=threads,
+                variant=variant_name, threads=threads,
                 warmup=f"{warmup} epoch",
                 note=f"{args['steps']} steps/epoch; wall time between epoch lines",
                 extra={"reported_images_per_s": round(report.images_per_s, 2),
@@ -105,12 +105,11 @@ def product(args: dict) -> list[Row]:
         layout = max(hand, key=lambda k: statistics.median(hand[k] + after[k]))
         rows.append(Row("training", SAME_PROCESS, "throughput", "images/s",
                         Stats.of(hand[layout] + after[layout]), **_common(args),
-                        variant=" ".join(variant) or "default", threads=threads,
+                        variant=variant_name, threads=threads,
                         warmup=f"{args['warmup_steps']} steps",
                         note=f"{HAND_DESCRIPTIONS[(args['backend'], layout)]}, the product's "
                              "threads; timed before and after the product's run"))
     return rows
-
 
 
 def _same_process_hand(args: dict, variant: list[str]) -> dict[str, list[float]]:

@@ -210,10 +210,11 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
             + [[ce()] for _ in outputs[1:]],
             jit_compile=cfg.backend.get("jit_compile", "auto"),
             steps_per_execution=divisor_at_most(steps_per_execution(cfg, devices), steps))
-    if resume is not None:
-        state.restore(model, state.training_file(resume.path), strategy)
+    resumed = state.training_file(resume.path) if resume is not None else None
+    if resumed is not None:
+        state.restore(model, resumed, strategy)
         if start >= max_epochs:  # nothing left to train
-            return TrainReport.nothing_trained(state.training_file(resume.path), extra)
+            return TrainReport.nothing_trained(resumed, extra)
     protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT)
     watch = LossWatch(strategy, model.optimizer.iterations)
     callback = (LiveEpochCallback if protocol.live else EpochCallback)(
@@ -226,5 +227,4 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
     finally:
         model.loss_hook = None
         protocol.close()
-    return protocol.report(extra, checkpoint=state.training_file(resume.path) if resume
-                           else None)
+    return protocol.report(extra, checkpoint=resumed)
