@@ -8,7 +8,7 @@ model in onnxruntime, at batch 1 and a larger batch, on the same preprocessed im
   provider with stated SessionOptions: ``graph_optimization_level`` (ORT_ENABLE_ALL unless
   ``--ort-levels`` asks for others), ``intra_op_num_threads`` = physical cores,
   ``inter_op_num_threads`` = 1, sequential execution. The product's own verification session
-  (``export.check.session``: onnxruntime's defaults) is timed too.
+  (``export.runtimes.onnxruntime_session``: onnxruntime's defaults) is timed too.
 - Both sides run with every physical core. Each repetition times ``k`` calls (``k`` chosen in
   the warm-up so that a repetition lasts ``min_rep_s``); latency = repetition / k.
 """
@@ -59,7 +59,7 @@ def session(path: Path, threads: int, level: str):
 def measure(args: dict) -> list[Row]:
     from cnnzoo.app.experiment import build_model, prepare
     from cnnzoo.core.data.preprocess import to_layout
-    from export.check import session as product_session
+    from export.runtimes import onnxruntime_session as product_session
 
     arch, name, size, threads = args["arch"], args["backend"], args["input_size"], args["threads"]
     batches, reps, min_rep_s = args["batches"], args["reps"], args["min_rep_s"]

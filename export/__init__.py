@@ -1,10 +1,11 @@
-"""Export to ONNX (``stage``, ``onnx_model``) and verification in onnxruntime (``verify``).
+"""Export to ONNX (``stage``, ``onnx_model``) and Caffe (``caffe``), int8 quantization
+(``quantize``), and verification in inference runtimes (``check``, ``runtimes``).
 
-Importing this package loads nothing heavy: onnx and onnxruntime load when one of the names
-below is first used, so tasks that never export (summary, predict) stay light."""
+Importing this package loads nothing heavy: onnx and the runtimes load when one of the names
+below is first used, so tasks that never export (summary) stay light."""
 from cnnzoo.core.errors import ExportError
 
-_LAZY = {"export_and_verify": "stage", "read_metadata": "onnx_model"}
+_LAZY = {"export_and_verify": "stage", "export_caffe": "stage", "read_metadata": "onnx_model"}
 __all__ = ["ExportError", *_LAZY]
 
 

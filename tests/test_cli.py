@@ -1,5 +1,6 @@
 """End to end through ``python run.py``, as a user runs it: real subprocesses, real files."""
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from conftest import run_cli
 
 import architectures
 from cnnzoo.core.backend import available_backends, backend_info, usable_backends
+from export import runtimes
 
 pytestmark = pytest.mark.slow
 
@@ -179,6 +181,17 @@ def test_an_installed_backend_without_its_framework_is_one_line(cli, backend):
     assert f"pip install 'cnnzoo[{backend}]'" in r.error_lines[0]
 
 
+@pytest.mark.parametrize("runtime", [r for r in runtimes.FORMATS
+                                     if importlib.util.find_spec(runtimes.MODULES[r]) is None])
+def test_a_runtime_not_installed_is_refused_before_training(cli, runtime):
+    """In a partial install (without the deploy extra): one line naming the extra."""
+    r = cli(f"export.runtimes=[{runtime}]")
+    assert r.returncode == 2 and len(r.error_lines) == 1, r.stderr
+    assert r.error_lines[0].startswith(f"error: export.runtimes: {runtime} is not installed: "
+                                       'pip install -c constraints.txt -e ".[deploy]"')
+    assert not (r.run_dir / "results.json").exists()
+
+
 @pytest.mark.parametrize("backend", [b for b in usable_backends() if "bf16-mixed" in
                                      backend_info(b).limits.get("hardware.precision",
                                                                 ("bf16-mixed",))])
@@ -238,6 +251,10 @@ def every_architecture(request, tmp_path_factory):
     arch=...``) per input size, so that the framework loads once per size; two sweeps at a
     time on one thread each (CI has 2 cores), the largest models first."""
     backend, groups, found = request.param, {}, {}
+    # one backend also writes Caffe's files and runs the ONNX file in OpenVINO (the exports go
+    # through the canonical weights and the same ONNX graph rules, so one is enough)
+    deploy = (("export.caffe=true", "export.runtimes=[onnxruntime,openvino]")
+              if backend == "torch" and importlib.util.find_spec("openvino") else ())
     for arch, extra in ARCH_RUNS:
         size = max(_spec(arch, extra).min_input_size(), 32)
         groups.setdefault((size, extra), []).append(arch)
@@ -251,7 +268,7 @@ def every_architecture(request, tmp_path_factory):
                        f"arch={','.join(archs)}", f"arch.input_size={size}", "optim=sgd",
                        "data=synthetic", "data.num_samples=20", "data.batch_size=8",
                        "trainer.max_epochs=1", "trainer.progress_bar=false", "hardware.threads=1",
-                       "export.num_images=4", "export.batch_sizes=[1,4]", *extra,
+                       "export.num_images=4", "export.batch_sizes=[1,4]", *deploy, *extra,
                        f"hydra.sweep.dir={folders[group]}")
 
     with ThreadPoolExecutor(2) as pool:
@@ -278,3 +295,6 @@ def test_every_architecture_trains_one_epoch_and_exports(every_architecture, arc
     assert res["input_shape"][0] == spec.in_channels
     assert res["params"] == res["native_params"]
     assert res["metrics"]["train_loss"] > 0 and res["export"]["passed"] is True
+    if "caffe" in res["export"]:  # Caffe in OpenCV, ONNX in onnxruntime and OpenVINO
+        assert res["export"]["caffe"]["passed"] is True
+        assert list(res["export"]["runtimes"]) == ["onnxruntime", "openvino"]

@@ -9,9 +9,8 @@ from conftest import compose_cfg, toy_spec
 from omegaconf import OmegaConf
 from onnx import numpy_helper
 
-from export import export_and_verify, read_metadata
-from export.check import check_onnx as verify
-from export.check import compare
+from export import export_and_verify, read_metadata, runtimes
+from export.check import check_model, compare, verify
 from runners.torch.backend import TorchBackend
 
 
@@ -22,16 +21,17 @@ def exported(tmp_path_factory):
     backend = TorchBackend(cfg, tmp)
     model = backend.build(toy_spec(), 32)
     images = np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype(np.float32)
-    block, report = export_and_verify(backend, model, images, cfg.export, tmp / "model.onnx",
-                                      {"arch": "toy", "class_names": ["a", "b"]})
-    return backend, model, images, block, report, tmp / "model.onnx", cfg
+    block, reports = export_and_verify(backend, model, images, cfg.export, tmp / "model.onnx",
+                                       {"arch": "toy", "class_names": ["a", "b"]})
+    return backend, model, images, block, reports, tmp / "model.onnx", cfg
 
 
 def test_export_passes_checker_and_verification(exported):
-    _, _, _, block, report, path, _ = exported
+    _, _, _, block, reports, path, _ = exported
     onnx.checker.check_model(str(path), full_check=True)
-    assert report.passed and block["passed"] is True
-    assert [b["batch_size"] for b in block["batches"]] == [1, 4]
+    assert [r.runtime for r in reports] == ["onnxruntime"] and reports[0].passed
+    assert block["passed"] is True and list(block["runtimes"]) == ["onnxruntime"]
+    assert [b["batch_size"] for b in block["runtimes"]["onnxruntime"]["batches"]] == [1, 4]
     assert block["max_abs_diff"] < 1e-4 and block["top1_agreement"] == 1.0
     assert block["opset"] == 18 and block["path"] == "model.onnx"
 
@@ -68,7 +68,8 @@ def test_tampered_model_fails_verification(exported, tmp_path):
     init.CopyFrom(numpy_helper.from_array(weights, init.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(onnx_model, str(bad))
-    report = verify(bad, images, lambda x: backend.predict(model, x), [1, 4], 1e-4, 1e-3, 1.0)
+    report = check_model(runtimes.load("onnxruntime", bad), images,
+                         lambda x: backend.predict(model, x), [1, 4], 1e-4, 1e-3, 1.0)
     assert not report.passed
     assert report.worst("max_abs_diff") > 1e-4
     assert "FAILED" in report.lines()[-1]
@@ -90,6 +91,18 @@ def test_export_block_without_verification(tmp_path):
     backend = TorchBackend(cfg, tmp_path)
     model = backend.build(toy_spec(), 32)
     images = np.zeros((1, 3, 32, 32), np.float32)  # a single image still exports a dynamic batch
-    block, report = export_and_verify(backend, model, images, cfg.export, tmp_path / "m.onnx", {})
-    assert report is None and block["passed"] is None and (tmp_path / "m.onnx").exists()
+    block, reports = export_and_verify(backend, model, images, cfg.export, tmp_path / "m.onnx", {})
+    assert reports == [] and block["passed"] is None and (tmp_path / "m.onnx").exists()
     assert OmegaConf.to_container(cfg.export)["verify"] is False
+
+
+def test_a_runtime_that_cannot_load_the_model_is_reported_not_hidden(exported, tmp_path):
+    backend, model, images, _, _, _, cfg = exported
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    (report,) = verify(broken, ["onnxruntime"], images, lambda x: backend.predict(model, x),
+                       cfg.export)
+    assert not report.passed and report.batches == []
+    assert report.error.startswith("onnxruntime cannot load broken.onnx: ")
+    assert "\n" not in report.error and "cannot run the model" in report.lines()[0]
+    assert "FAILED" in report.lines()[-1]

@@ -63,6 +63,10 @@ RUN = {
     "python -m cnnzoo.app.compare multirun/<date_time>": (),
     "python run.py arch=alexnet arch.input_size=64 hydra.run.dir=runs/alexnet": SHORT,
     "python run.py task=verify": (),
+    "python run.py export.caffe=true 'export.runtimes=[onnxruntime,opencv,openvino]'": SHORT,
+    "python run.py export.int8.enabled=true": SHORT,
+    "python -m cnnzoo.app.predict <run>/deploy.prototxt photo.png": (),
+    "python run.py task=verify verify.weights=<run>/deploy.prototxt": (),
     "python run.py task=verify arch=xception arch.input_size=32": (),
 }
 NOT_RUN = {
@@ -77,6 +81,10 @@ NOT_RUN = {
                                       "one_run_directory runs it, shortened",
     "python run.py task=verify verify.archs=all verify.input_size=32":
         "the 11 x 3 matrix takes several minutes; tests/test_verify_matrix.py checks its parts",
+    "python run.py task=verify verify.archs=all verify.input_size=32 export.caffe=true "
+    "'export.runtimes=[onnxruntime,opencv,openvino]'":
+        "the matrix with every runtime takes several minutes; tests/test_cli.py exports every "
+        "architecture to Caffe and OpenVINO, tests/test_deploy.py runs all three runtimes",
     "python run.py task=verify arch=resnet50 verify.weights=resnet50.npz":
         "needs a ResNet-50 weights file; tests/test_verify_matrix.py runs verify.weights",
     "srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 python run.py hardware=multi_node "
@@ -123,7 +131,8 @@ def test_ci_installs_and_tests_as_the_readme_says():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A HOME with a dataset of each format under data/, images to predict, and a finished
-    default run (plus a copy, and a sweep) for the commands that name earlier runs."""
+    default run with Caffe files (plus a copy, and a sweep) for the commands that name earlier
+    runs."""
     top = tmp_path_factory.mktemp("readme")
     home = top / "home"
     write_image_folder(home / "data" / "flowers", n_per_class=8)
@@ -135,7 +144,7 @@ def world(tmp_path_factory):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), np.uint8)).save(
             top / name)
     run = top / "run"
-    made = _bash(f"python run.py {' '.join(SHORT)} hydra.run.dir={run}", home)
+    made = _bash(f"python run.py {' '.join(SHORT)} export.caffe=true hydra.run.dir={run}", home)
     assert made.returncode == 0, made.stderr[-2000:]
     shutil.copytree(run, top / "other")
     sweep = top / "sweep"

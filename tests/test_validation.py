@@ -53,6 +53,9 @@ def test_docs_list_every_rule():
 OTHER_TESTS = {
     "data.mean, data.std": "tests/test_config.py::test_mean_std_must_match_channels",
     "export.batch_sizes": "tests/test_config.py::test_bad_values_give_one_line_naming_the_key",
+    "export.runtimes": "tests/test_config.py::test_bad_values_give_one_line_naming_the_key",
+    "export.runtimes, export.caffe":
+        "tests/test_cli.py::test_a_runtime_not_installed_is_refused_before_training",
     "arch.name": "tests/test_validation.py::test_unknown_architecture",
     "arch.options": "tests/test_config.py::test_unknown_arch_option_is_reported",
     "arch.input_size": "tests/test_config.py::test_input_too_small_names_the_minimum",

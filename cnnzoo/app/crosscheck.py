@@ -13,7 +13,9 @@ onnxruntime, and compare:
 
 - every native model with the reference backend's native model;
 - every ONNX model with its own native model (``export.export_and_verify``, the export stage
-  of training, at ``export.batch_sizes``);
+  of training, at ``export.batch_sizes``), in every runtime of ``export.runtimes``;
+- with ``export.caffe=true``, Caffe's deploy files written from the shared weights, run in
+  OpenCV's DNN module, with the reference's native model;
 - every native parameter count with the spec's.
 
 A pair passes under the export rule (``export.check.compare``): |a - b| <= atol + rtol * |b|
@@ -107,13 +109,19 @@ def backend_config(cfg: DictConfig, name: str) -> DictConfig:
 
 
 def shared_weights(cfg: DictConfig, spec, input_size: int) -> dict | None:
-    """The user's ``verify.weights`` file, checked against the spec (None: seeded init)."""
+    """The user's ``verify.weights``, checked against the spec (None: seeded init): a neutral
+    ``.npz``, or a Caffe model (its ``.prototxt`` and the ``.caffemodel`` of the same name)."""
     from ..core.weights import check_weights, expected_shapes, load_weights
 
     if cfg.verify.weights is None:
         return None
+    path = Path(cfg.verify.weights)
     try:
-        weights = load_weights(Path(cfg.verify.weights))
+        if path.suffix in (".prototxt", ".caffemodel"):  # a Caffe model: the pair, same name
+            from export.caffe.reader import caffe_weights
+            prototxt = path.with_suffix(".prototxt")
+            return caffe_weights(prototxt, prototxt.with_suffix(".caffemodel"), spec, input_size)
+        weights = load_weights(path)
         check_weights(weights, expected_shapes(spec, input_size),
                       f"the weights of {cfg.verify.weights}")
     except WeightsError as err:
@@ -143,13 +151,13 @@ def _pair(a: np.ndarray, b: np.ndarray, vc) -> dict:
     from export.check import Report, compare
 
     comparison = compare(a, b, len(b), vc.atol, vc.rtol)
-    report = Report(vc.atol, vc.rtol, vc.min_top1_agreement, [], [comparison])
+    report = Report(vc.atol, vc.rtol, vc.min_top1_agreement, "native", batches=[comparison])
     return {**asdict(comparison), "passed": report.passed}
 
 
 def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None) -> list[dict]:
     """One row per backend for one architecture (``name``; None: the configured arch)."""
-    from export import export_and_verify
+    from export import export_and_verify, export_caffe
 
     vc = cfg.verify
     acfg = arch_config(cfg, name)
@@ -164,6 +172,7 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
     order = [vc.reference, *(b for b in vc.backends if b != vc.reference)]
     export_cfg = OmegaConf.create({"opset": cfg.export.opset, "verify": True,
                                    "batch_sizes": list(cfg.export.batch_sizes),
+                                   "runtimes": list(cfg.export.runtimes),
                                    "atol": vc.atol, "rtol": vc.rtol,
                                    "min_top1_agreement": vc.min_top1_agreement})
     metadata = {"arch": spec.name, "input_shape": ["N", *analysis.input_shape],
@@ -176,6 +185,7 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
         row = {"arch": spec.name, "input_size": size, "backend": backend_name,
                "reference": backend_name == vc.reference, "spec_params": analysis.params,
                "native_params": None, "native_vs_reference": None, "onnx_vs_native": None,
+               "caffe_vs_native": None,
                "opset": None, "max_abs_logit": None, "error": None}
         try:
             bcfg = backend_config(acfg, backend_name)
@@ -198,6 +208,12 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
                                          cfg.hardware.threads)
             row["onnx_vs_native"] = block
             row["opset"] = block["opset"]
+            if cfg.export.caffe and backend_name == vc.reference:  # the weights are everyone's
+                caffe_dir = onnx_dir / f"{spec.name}-caffe"
+                caffe_dir.mkdir(exist_ok=True)
+                row["caffe_vs_native"], _ = export_caffe(
+                    spec, size, weights, images, lambda x: backend.predict(model, x), export_cfg,
+                    caffe_dir, {**metadata, "backend": backend_name}, cfg.hardware.threads)
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001  one broken cell must not hide the others
@@ -214,11 +230,11 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
 
 
 def _row_passed(row: dict) -> bool:
-    onnx = row["onnx_vs_native"]
+    onnx, caffe = row["onnx_vs_native"], row["caffe_vs_native"]
     return (row["error"] is None and row["native_params"] == row["spec_params"]
             and (row["reference"] or bool(row["native_vs_reference"]
                                           and row["native_vs_reference"]["passed"]))
-            and bool(onnx and onnx["passed"]))
+            and bool(onnx and onnx["passed"]) and (caffe is None or caffe["passed"]))
 
 
 def _row_line(row: dict) -> str:
@@ -228,7 +244,11 @@ def _row_line(row: dict) -> str:
     if native:
         parts.append(f"native vs reference max abs {native['max_abs_diff']:.2e}")
     if onnx:
-        parts.append(f"ONNX vs native max abs {onnx['max_abs_diff']:.2e} (opset {row['opset']})")
+        parts.append(f"ONNX vs native max abs {_num(onnx['max_abs_diff'])} (opset {row['opset']}, "
+                     f"{', '.join(onnx.get('runtimes', {}))})")
+    if row["caffe_vs_native"]:
+        parts.append(f"Caffe (OpenCV) vs native max abs "
+                     f"{_num(row['caffe_vs_native']['max_abs_diff'])}")
     if row["error"]:
         parts.append(row["error"])
     return "  ".join(parts) + f"  {'passed' if row['passed'] else 'FAILED'} ({row['seconds']} s)"
@@ -248,14 +268,25 @@ def failures(rows: list[dict], reference: str) -> list[str]:
         if r["native_params"] != r["spec_params"]:
             lines.append(f"{what}: {r['native_params']:,} native parameters, the spec has "
                          f"{r['spec_params']:,}")
-        native, onnx = r["native_vs_reference"], r["onnx_vs_native"]
+        native, onnx, caffe = r["native_vs_reference"], r["onnx_vs_native"], r["caffe_vs_native"]
         if native is None and not r["reference"]:
             lines.append(f"{what}: no native comparison: the {reference} reference failed")
         if native and not native["passed"]:
             lines.append(f"{what}: native vs {reference} native: {_why(native)}")
-        if onnx and not onnx["passed"]:
-            lines.append(f"{what}: ONNX vs {r['backend']} native: {_why(onnx)}")
+        for fmt, block in (("ONNX", onnx), ("Caffe", caffe)):
+            for name, runtime in (block or {}).get("runtimes", {}).items():
+                if not runtime["passed"]:
+                    lines.append(f"{what}: {fmt} in {name} vs {r['backend']} native: "
+                                 + (runtime["error"] or _why({**runtime, **_rule(block)})))
     return lines
+
+
+def _num(v) -> str:
+    return "—" if v is None else f"{v:.2e}"
+
+
+def _rule(block: dict) -> dict:
+    return {k: block[k] for k in ("atol", "rtol") if k in block}
 
 
 def _why(p: dict) -> str:
@@ -267,24 +298,36 @@ def _why(p: dict) -> str:
 
 
 def markdown_table(rows: list[dict], reference: str) -> list[str]:
-    """The matrix: one row per architecture x backend."""
+    """The matrix: one row per architecture x backend, one column per runtime."""
     def num(v):
         return "—" if v is None else f"{v:.1e}"
 
     def diffs(p):
-        return "—" if p is None else f"{p['max_abs_diff']:.1e} / {p['max_rel_diff']:.1e}"
+        if p is None:
+            return "—"
+        if p.get("error") or p["max_abs_diff"] is None:
+            return "error"
+        return f"{p['max_abs_diff']:.1e} / {p['max_rel_diff']:.1e}"
 
+    runtimes = list(dict.fromkeys(n for r in rows for n in (r["onnx_vs_native"] or {}).get(
+        "runtimes", {})))
+    caffe = any(r["caffe_vs_native"] for r in rows)
     head = ("architecture", "input", "backend", "params (spec)", "params (native)",
-            f"native vs {reference} (max abs / rel diff)", "ONNX vs native (max abs / rel diff)",
-            f"top-1 agreement (vs {reference} / ONNX)", "max \\|logit\\|", "opset", "result")
+            f"native vs {reference} (max abs / rel diff)",
+            *(f"ONNX in {n} vs native" for n in runtimes),
+            *(["Caffe in opencv vs native"] if caffe else []),
+            f"top-1 agreement (vs {reference} / exports)", "max \\|logit\\|", "opset", "result")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        native, onnx = r["native_vs_reference"], r["onnx_vs_native"]
-        top1 = " / ".join("—" if p is None else f"{p['top1_agreement']:.3f}"
-                          for p in (native, onnx))
+        native, onnx = r["native_vs_reference"], r["onnx_vs_native"] or {}
+        exports = [onnx.get("runtimes", {}).get(n) for n in runtimes]
+        exports += [(r["caffe_vs_native"] or {}).get("runtimes", {}).get("opencv")] if caffe else []
+        worst = [p["top1_agreement"] for p in exports if p and p["top1_agreement"] is not None]
+        top1 = (("—" if native is None else f"{native['top1_agreement']:.3f}") + " / "
+                + (f"{min(worst):.3f}" if worst else "—"))
         cells = (r["arch"], str(r["input_size"]), r["backend"], f"{r['spec_params']:,}",
                  "—" if r["native_params"] is None else f"{r['native_params']:,}",
-                 "reference" if r["reference"] else diffs(native), diffs(onnx), top1,
+                 "reference" if r["reference"] else diffs(native), *map(diffs, exports), top1,
                  num(r["max_abs_logit"]),
                  str(r["opset"] or "—"), "pass" if r["passed"] else "**FAIL**")
         lines.append("| " + " | ".join(cells) + " |")

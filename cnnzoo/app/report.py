@@ -57,14 +57,19 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> list[str]:
 
 
 def print_summary(results: dict, run_dir: Path) -> None:
-    """The end-of-run table: what was trained, how well, how fast, and the ONNX verdict."""
+    """The end-of-run table: what was trained, how well, how fast, and the exports' verdicts."""
     from rich.console import Console
     from rich.table import Table
 
     export = results.get("export") or {}
-    verdict = {True: "passed", False: "FAILED", None: "not verified"}[export.get("passed")]
-    if export:
-        verdict += f" (max abs diff {export['max_abs_diff']:.1e})" if "max_abs_diff" in export else ""
+
+    def verdict(block: dict, file: str) -> str:
+        text = {True: "passed", False: "FAILED", None: "not verified"}[block.get("passed")]
+        if block.get("max_abs_diff") is not None:
+            text += f" (max abs diff {block['max_abs_diff']:.1e}, {', '.join(block['runtimes'])})"
+        return f"{text}: {run_dir / file}"
+
+    caffe, int8 = export.get("caffe"), export.get("int8")
     metrics, timings = results.get("metrics", {}), results.get("timings", {})
     rows = [
         ("model", f"{results['arch']} on {results['backend']} "
@@ -74,7 +79,12 @@ def print_summary(results: dict, run_dir: Path) -> None:
         ("last val_acc / val_loss", f"{_num(metrics.get('val_acc'))} / {_num(metrics.get('val_loss'))}"),
         ("training time", f"{timings.get('train_s', 0):.1f} s, "
                           f"{timings.get('images_per_s', 0):,.{1 if timings.get('images_per_s', 0) < 10 else 0}f} images/s"),
-        ("ONNX", f"{verdict}: {run_dir / export['path']}" if export else "not exported"),
+        ("ONNX", verdict(export, export["path"]) if export else "not exported"),
+        *([("Caffe", verdict(caffe, caffe["prototxt"]))] if caffe else []),
+        *([("int8 ONNX", f"{'passed' if int8['passed'] else 'FAILED'}: val_acc "
+                         f"{int8['int8_acc']:.4f} vs {int8['fp32_acc']:.4f} fp32, "
+                         f"{int8['int8_size_mb']:.2f} MB, {int8['int8_latency_ms']:.2f} ms/image: "
+                         f"{run_dir / int8['path']}")] if int8 else []),
         ("run directory", str(run_dir)),
     ]
     table = Table(show_header=False, title="run summary", title_justify="left")

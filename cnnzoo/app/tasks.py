@@ -161,7 +161,6 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     exp = prepare(cfg)
     dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
     train_split, val_split = exp.train_split, exp.val_split
-    num_classes = spec.num_classes
     backend, model, native_params = build_model(cfg, run_dir, exp)
     print(f"{spec.name}: {analysis.params:,} parameters, input "
           f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
@@ -195,28 +194,13 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
                "checkpoint": _relative(report.checkpoint, run_dir),
                "versions": package_versions()}
 
-    failure = None
+    failures = []
     if cfg.export.enabled:
-        from export import export_and_verify  # loads onnx: only once training is done
-        n = min(cfg.export.num_images, len(val_split))
-        images, _ = val_split.batch(0, n)
-        metadata = {"arch": spec.name, "backend": cfg.backend.name,
-                    "input_shape": ["N", *analysis.input_shape], "num_classes": num_classes,
-                    "class_names": dataset.classes, "preprocess": preprocess.metadata(),
-                    "params": analysis.params, "versions": results["versions"]}
-        block, verification = export_and_verify(backend, model, images, cfg.export,
-                                                run_dir / "model.onnx", metadata,
-                                                cfg.hardware.threads)
-        results["export"] = block
-        if verification is not None:
-            print(f"ONNX verification of {block['path']} against {cfg.backend.name} "
-                  f"({verification.providers[0]}):")
-            print("\n".join(verification.lines()))
-            if not verification.passed:
-                results["status"] = "verification_failed"
-                failure = (f"ONNX verification failed: max abs diff {block['max_abs_diff']:.3g}, "
-                           f"top-1 agreement {block['top1_agreement']:.3f} (atol {cfg.export.atol:g},"
-                           f" rtol {cfg.export.rtol:g}); see {run_dir / 'results.json'}")
+        from .exporting import export_run
+        results["export"], failures = export_run(cfg, backend, model, exp, run_dir,
+                                                 results["versions"])
+        if failures:
+            results["status"] = "verification_failed"
     results["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     write_json(run_dir / "results.json", results)
     if history:
@@ -225,8 +209,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
         from .tracking import log_run
         log_run(cfg, results, history, run_dir)
     print_summary(results, run_dir)
-    if failure:
-        raise RunFailed(failure)
+    if failures:
+        raise RunFailed("\n".join(failures))
     return metrics.get(cfg.optimized_metric)
 
 

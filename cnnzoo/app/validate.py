@@ -9,6 +9,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import architectures
 from architectures import ShapeError
+from export.quantize import METHODS as CALIBRATION_METHODS
 
 from ..core.backend import available_backends, backend_info, usable_backends
 from ..core.errors import ConfigError
@@ -42,7 +43,7 @@ METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")
 
 # task=predict's options; the standalone ``python -m cnnzoo.app.predict`` applies the same rules
 PREDICT_RULES = {
-    "predict.model": PATH._replace(allowed="the path of an exported model.onnx"),
+    "predict.model": PATH._replace(allowed="the path of an exported model.onnx or deploy.prototxt"),
     "predict.inputs": Rule(lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
                            lambda v: len(v) > 0, "a non-empty list of image files or folders"),
     "predict.top_k": POSITIVE_INT,
@@ -67,6 +68,11 @@ def _rules(cfg: DictConfig):
         "trainer.progress_bar": BOOLEAN,
         "export.enabled": BOOLEAN,
         "export.verify": BOOLEAN,
+        "export.caffe": BOOLEAN,
+        "export.int8.enabled": BOOLEAN,
+        "export.int8.calibration_images": POSITIVE_INT,
+        "export.int8.method": one_of(CALIBRATION_METHODS),
+        "export.int8.max_acc_drop": NON_NEGATIVE_NUMBER,
         "tracking.mlflow": BOOLEAN,
         "tracking.mlflow_uri": TEXT,
         "tracking.experiment": TEXT,
@@ -105,7 +111,7 @@ def _rules(cfg: DictConfig):
         "export.num_images": pos_int,
         "verify.reference": Rule(lambda v: isinstance(v, str), lambda v: v != "", "a backend name"),
         "verify.weights": optional(Rule(lambda v: isinstance(v, str), lambda v: v.strip() != "",
-                                    "the path of a weights .npz")),
+                                    "the path of a weights .npz or a Caffe .prototxt")),
         "verify.input_size": optional(pos_int),
         "verify.num_images": pos_int,
         "verify.atol": nonneg_num,
@@ -172,6 +178,7 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.arch.in_channels}: give {' or '.join(map(str, allowed))}")
     errors += _backend_errors(cfg)
     errors += _verify_lists(cfg)
+    errors += _export_runtimes(cfg)
     sizes = cfg.export.batch_sizes
     if not sizes or any(not is_int(b) or b < 1 for b in sizes):
         errors.append(f"export.batch_sizes={list(sizes) if sizes else sizes!r} is invalid: "
@@ -180,6 +187,27 @@ def validate(cfg: DictConfig) -> None:
         errors += _check_arch(cfg)
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _export_runtimes(cfg: DictConfig) -> list[str]:
+    """``export.runtimes``: known, distinct, installed; ``export.caffe`` needs OpenCV to be
+    verified. Checked before training, so a missing runtime never costs a run."""
+    from importlib.util import find_spec
+
+    from export.runtimes import FORMATS, MODULES
+
+    names = _plain(cfg.export.get("runtimes"))
+    if (not isinstance(names, list) or not names or len(set(map(str, names))) != len(names)
+            or any(n not in FORMATS for n in names)):
+        return [f"export.runtimes={names!r} is invalid: expected a non-empty list of distinct "
+                f"runtimes from {', '.join(FORMATS)}"]
+    if not (cfg.export.verify and cfg.get("task") in ("train", "verify")):
+        return []
+    wanted = dict.fromkeys(names + (["opencv"] if cfg.export.caffe else []))
+    return [f"export.runtimes: {name} is not installed: pip install -c constraints.txt -e "
+            f"\".[deploy]\" (or export.runtimes without it"
+            + (", export.caffe=false" if name == "opencv" and cfg.export.caffe else "") + ")"
+            for name in wanted if find_spec(MODULES[name]) is None]
 
 
 def _verify_lists(cfg: DictConfig) -> list[str]:
@@ -272,6 +300,9 @@ OTHER_CHECKS = (
     ("data.mean, data.std", "lists of numbers (std > 0): one value, or one per arch.in_channels",
      "always"),
     ("export.batch_sizes", "a non-empty list of positive integers", "always"),
+    ("export.runtimes", "distinct runtimes from onnxruntime, opencv, openvino", "always"),
+    ("export.runtimes, export.caffe", "the runtimes installed (Caffe files are verified in "
+     "opencv)", "task=train/verify with export.verify"),
     ("arch.name", "a registered architecture", "always"),
     ("arch.options", "only the architecture's own options, with values it accepts", "always"),
     ("arch.input_size", "at least the architecture's minimum input size (task=summary prints it)",
