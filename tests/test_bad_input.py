@@ -226,7 +226,8 @@ CONFIG_CASES = {
         "hydra.run.dir={run} holds the results of task=train: run task=summary in another "
         "hydra.run.dir")),
     "predict-without-model": (["task=predict", "predict.inputs=[a.png]"], re.escape(
-        "predict.model=None is invalid: expected the path of an exported model.onnx")),
+        "predict.model=None is invalid: expected the path of an exported model.onnx or "
+        "deploy.prototxt")),
     "predict-model-not-onnx": (["task=predict", "predict.model={run}/metrics.csv",
                                 "predict.inputs=[{run}/curves.png]"],
                                "predict: {run}/metrics.csv is not a loadable ONNX model: .*"),

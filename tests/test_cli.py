@@ -30,7 +30,9 @@ def test_default_job_trains_exports_and_verifies(cli):
     assert res["timings"]["images_per_s"] > 0 and res["timings"]["total_s"] > 0
     assert res["export"]["passed"] is True and res["export"]["opset"] == 18
     assert res["export"]["max_abs_diff"] <= 1e-4
-    assert {b["batch_size"] for b in res["export"]["batches"]} == {1, 32}
+    assert list(res["export"]["runtimes"]) == ["onnxruntime"]
+    assert {b["batch_size"] for b in res["export"]["runtimes"]["onnxruntime"]["batches"]} == {
+        1, 32}
     assert res["versions"]["torch"].startswith("2.")
     # the files a run promises
     rows = list(csv.DictReader((r.run_dir / "metrics.csv").open()))
@@ -108,7 +110,8 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(cli, override, key):
 def test_failed_verification_fails_the_run(cli):
     r = cli("trainer.max_epochs=1", "export.atol=0", "export.rtol=0")
     assert r.returncode == 1
-    assert r.error_lines and "ONNX verification failed" in r.error_lines[0]
+    assert len(r.error_lines) == 1
+    assert r.error_lines[0].startswith("error: ONNX verification in onnxruntime failed: max abs ")
     res = r.results()  # the evidence is kept
     assert res["status"] == "verification_failed" and res["export"]["passed"] is False
     assert (r.run_dir / "model.onnx").exists()

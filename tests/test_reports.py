@@ -132,7 +132,8 @@ def test_mlflow_tracking_logs_params_metrics_and_the_onnx_model(tmp_path, monkey
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the local store back
     store = tmp_path / "mlruns"
     r = run_cli(tmp_path / "run", "trainer.max_epochs=2", "tracking.mlflow=true",
-                f"tracking.mlflow_uri={store}", "export.batch_sizes=[1,8]", "export.num_images=8")
+                f"tracking.mlflow_uri={store}", "export.batch_sizes=[1,8]", "export.num_images=8",
+                "export.caffe=true")
     assert r.returncode == 0, r.stderr[-2000:]
     import mlflow
     client = mlflow.tracking.MlflowClient(tracking_uri=str(store))
@@ -143,5 +144,6 @@ def test_mlflow_tracking_logs_params_metrics_and_the_onnx_model(tmp_path, monkey
     assert [m.step for m in history] == [1, 2]
     assert history[-1].value == pytest.approx(r.results()["metrics"]["val_acc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model.onnx", "results.json", "metrics.csv", "curves.png"} <= artifacts
+    assert {"model.onnx", "results.json", "metrics.csv", "curves.png", "deploy.prototxt",
+            "deploy.caffemodel", "deploy.json"} <= artifacts
     assert run.data.tags["onnx_passed"] == "True"

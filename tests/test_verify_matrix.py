@@ -206,11 +206,20 @@ def _report(run_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_verify_lenet5_passes_in_every_backend_and_onnx(cli):
-    r = cli("task=verify", "arch=lenet5")
+def test_verify_lenet5_passes_in_every_backend_and_onnx(cli, tmp_path):
+    """With the weights of a Caffe model (the README's ``verify.weights=<run>/deploy.prototxt``),
+    read into every backend."""
+    from export.caffe import files
+    from export.caffe.writer import build_net
+
+    spec = architectures.build_spec("lenet5", num_classes=10, in_channels=1)
+    net, layers = build_net(spec, random_weights(spec, 32), 32)
+    caffe = files.write(tmp_path, net, layers, {"output": spec.output}, "test")
+    r = cli("task=verify", "arch=lenet5", f"verify.weights={caffe['prototxt']}")
     assert r.returncode == 0, r.stderr[-3000:]
     report = _report(r.run_dir)
     assert report["passed"] and report["reference"] == "torch"
+    assert report["weights"] == str(caffe["prototxt"])
     rows = report["rows"]
     assert [(x["arch"], x["backend"]) for x in rows] == [("lenet5", b) for b in BACKENDS]
     for row in rows:

@@ -1,5 +1,6 @@
 """Optional MLflow tracking (``tracking.mlflow=true``): the run's parameters, its metrics per
-epoch, and its files (model.onnx, results.json, metrics.csv, curves.png) as artifacts.
+epoch, and its files (model.onnx, results.json, metrics.csv, curves.png, and the Caffe and
+int8 models when exported) as artifacts.
 
 The default store is a local folder (``file:./mlruns``; view it with ``mlflow ui
 --backend-store-uri ./mlruns``). MLflow 3 keeps that file store only behind an opt-in
@@ -15,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .experiment import flatten
 
-ARTIFACTS = ("model.onnx", "results.json", "metrics.csv", "curves.png")
+# the deployment files when the run exported them (export.caffe, export.int8)
+ARTIFACTS = ("model.onnx", "results.json", "metrics.csv", "curves.png", "deploy.prototxt",
+             "deploy.caffemodel", "deploy.json", "model.int8.onnx")
 LOGGED_GROUPS = ("arch", "backend", "hardware", "data", "optim", "trainer", "export")
 
 
