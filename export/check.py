@@ -6,9 +6,9 @@ classes must also agree on at least ``min_top1_agreement`` of the images, and no
 NaN/Inf. A runtime that cannot load or run the model fails, with its error in the report."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -16,10 +16,10 @@ OpenVINO's CPU plugin would otherwise compute in bf16 on CPUs that have it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -345,18 +345,18 @@ layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1"
 
 
 @pytest.mark.parametrize("text, expected", [
-    (ALEXNET_V2, "Caffe layer 'norm1' is LRN (local response normalisation), which cnnzoo's "
-                 "architectures do not have"),
+    (ALEXNET_V2, ("Caffe layer 'norm1' is LRN (local response normalisation), which cnnzoo's "
+                  "architectures do not have")),
     (v1_prototxt("CaffeNet", (1, 3, 227, 227), [
         _conv("conv1", "data", 96, 11).replace("stride: 1", "stride: 4"),
         _layer("norm1", "LRN", "conv1", "norm1", "  lrn_param { local_size: 5 }")]),
-     "Caffe layer 'norm1' is LRN (local response normalisation), which cnnzoo's architectures "
-     "do not have"),
-    (v1_prototxt("FCN", (1, 3, 227, 227), [  # not in cnnzoo's proto: named from the text
+     ("Caffe layer 'norm1' is LRN (local response normalisation), which cnnzoo's architectures "
+      "do not have")),
+    (v1_prototxt("FCN", (1, 3, 227, 227), [
         _conv("conv1", "data", 96, 11),
         '  bottom: "conv1"\n  top: "upscore"\n  type: DECONVOLUTION\n  name: "upscore"']),
-     "Caffe layer 'upscore' is Deconvolution (a transposed convolution), which cnnzoo's "
-     "architectures do not have"),
+     ("Caffe layer 'upscore' is Deconvolution (a transposed convolution), which cnnzoo's "
+      "architectures do not have")),
 ], ids=["lrn", "lrn-v1", "deconvolution-v1"])
 def test_a_layer_the_spec_cannot_express_is_named(tmp_path, text, expected):
     prototxt = tmp_path / "deploy.prototxt"

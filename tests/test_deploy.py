@@ -39,7 +39,8 @@ def images(tmp_path_factory):
 
 def predict(model, folder) -> tuple[subprocess.CompletedProcess, list]:
     p = subprocess.run([sys.executable, "-m", "cnnzoo.app.predict", str(model), str(folder),
-                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       check=False)
     return p, (json.loads(p.stdout) if p.returncode == 0 else [])
 
 
@@ -75,6 +76,7 @@ def test_int8_model_is_measured_next_to_the_fp32_one(run):
 
 def test_caffe_model_predicts_what_the_onnx_model_predicts(run, images):
     p_onnx, onnx_out = predict(run.run_dir / "model.onnx", images)
+    assert p_onnx.returncode == 0 and len(onnx_out) == 12, p_onnx.stderr
     for model in ("deploy.prototxt", "deploy.caffemodel"):
         p, out = predict(run.run_dir / model, images)
         assert p.returncode == 0, p.stderr

@@ -78,8 +78,8 @@ def _int8(cfg: DictConfig, exp, fp32: Path, layout: str, threads) -> tuple[dict,
     block["passed"] = block["acc_drop_pp"] <= q.max_acc_drop
     print(f"int8 model {out.name} against {fp32.name} on {len(images)} validation images:")
     print("\n".join(int8_lines(block, q.max_acc_drop)))
-    failed = [] if block["passed"] else [
+    failed = [] if block["passed"] else [(
         f"int8 model loses {block['acc_drop_pp']:.2f} percentage points of validation accuracy "
         f"(export.int8.max_acc_drop={q.max_acc_drop:g}); try export.int8.method=entropy or "
-        "percentile, or more export.int8.calibration_images"]
+        "percentile, or more export.int8.calibration_images")]
     return block, failed
