@@ -141,6 +141,26 @@ def test_canonical_weights_round_trip_exactly(backend_name, tmp_path):
     assert all(np.array_equal(backend.get_weights(model)[k], new[k]) for k in new)
 
 
+def test_any_node_name_builds(backend_name, tmp_path):
+    """Spec node names are free text: names that are attributes of the framework's own module
+    classes (``half``, ``train``, ``forward``, ``call``, ``weights``...) build, predict and
+    round-trip their weights like any other."""
+    g = GraphBuilder("names", 3, 4, 8)
+    x = g.act(g.conv(INPUT, 4, 3, name="half"), name="train")
+    for name in ("forward", "training", "hybridize", "call", "weights", "name"):
+        x = g.conv(x, 4, 1, name=name)
+    g.dense(g.flatten(x, name="params"), 4, name="layers")
+    spec = g.build()
+    backend = backend_info(backend_name).load()(compose(backend_name), tmp_path)
+    model = backend.build(spec, 8)
+    assert backend.count_params(model) == spec.analyze(8).params
+    weights = {k: np.full(v.shape, 0.01, np.float32) for k, v in backend.get_weights(model).items()}
+    assert set(weights) == set(expected_shapes(spec, 8))
+    backend.set_weights(model, weights)
+    out = backend.predict(model, np.ones((2, 3, 8, 8), np.float32))
+    assert out.shape == (2, 4) and np.isfinite(out).all()
+
+
 def test_predict_is_deterministic_float32_logits(backend_name, tmp_path):
     """Every layer type of the spec (``toy_spec``), in inference mode: dropout off, batch norm
     with its running statistics, so two calls agree bitwise; ``evaluate`` scores from it."""

@@ -30,6 +30,7 @@ class _Scale(nn.Module):
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+_MODULE_DICT = nn.ModuleDict()  # the attributes a layer key must not shadow (SpecModule.key)
 
 
 def torch_layer(layer: S.Layer, in_shape: tuple[int, ...]) -> nn.Module:
@@ -99,7 +100,11 @@ class SpecModule(nn.Module):
 
     @staticmethod
     def key(name: str) -> str:
-        return name.replace(".", "_")
+        """The node's key in ``layers``: no dots (a ModuleDict key cannot have one), and not an
+        attribute of the ModuleDict itself (``half``, ``train``, ``training``...), which
+        ``add_module`` refuses; every other name stays as it is, so checkpoints keep their keys."""
+        key = name.replace(".", "_")
+        return f"node_{key}" if hasattr(_MODULE_DICT, key) else key
 
     def forward(self, x):
         with_aux = self.training and bool(self.aux_outputs)
