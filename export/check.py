@@ -114,7 +114,7 @@ def verify(path: Path, names: list[str], images: np.ndarray,
             reports.append(check_model(runner, images, native_predict, cfg.batch_sizes, cfg.atol,
                                        cfg.rtol, cfg.min_top1_agreement))
         except Exception as err:  # noqa: BLE001  a runtime's failure is a finding, reported
-            why = " ".join(str(err).split())[:300]
+            why = runtimes.one_line(err)
             reports.append(Report(cfg.atol, cfg.rtol, cfg.min_top1_agreement, name,
                                   error=why if isinstance(err, ExportError) else
                                   f"{type(err).__name__}: {why}"))

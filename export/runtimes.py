@@ -66,7 +66,7 @@ def load(runtime: str, path: Path, threads: int | None = None, layout: str = "NC
         raise
     except Exception as err:  # noqa: BLE001  each runtime raises its own types
         raise ExportError(f"{runtime} cannot load {Path(path).name}: "
-                          f"{_reason(err) or type(err).__name__}") from None
+                          f"{one_line(err) or type(err).__name__}") from None
 
 
 def onnxruntime_session(path: Path, threads: int | None = None):
@@ -104,7 +104,7 @@ def _opencv(path: Path, threads: int | None, layout: str) -> Runner:
     except cv2.error as err:  # its message is the C++ assertion's; keep the reason
         what = (f"{prototxt.name} with {caffemodel.name} (a truncated or damaged .caffemodel, "
                 "or a .prototxt of another network?)" if format_of(path) == CAFFE else path.name)
-        raise ExportError(f"OpenCV cannot load {what}: {_reason(err)}") from None
+        raise ExportError(f"OpenCV cannot load {what}: {one_line(err)}") from None
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
 
@@ -113,7 +113,7 @@ def _opencv(path: Path, threads: int | None, layout: str) -> Runner:
             net.setInput(np.ascontiguousarray(to_layout(x, layout), dtype=np.float32))
             return net.forward().reshape(len(x), -1)
         except cv2.error as err:
-            raise ExportError(f"OpenCV cannot run {path.name}: {_reason(err)}") from None
+            raise ExportError(f"OpenCV cannot run {path.name}: {one_line(err)}") from None
 
     if format_of(path) == CAFFE:  # OpenCV checks weights against the network only when it runs
         from .caffe.files import input_shape, read_prototxt
@@ -127,7 +127,7 @@ def _opencv(path: Path, threads: int | None, layout: str) -> Runner:
     return Runner("opencv", f"OpenCV DNN {cv2.__version__}, CPU", run)
 
 
-def _reason(err: Exception, limit: int = 300) -> str:
+def one_line(err: Exception, limit: int = 300) -> str:
     """A runtime's (often multi-line) message as one line."""
     text = " ".join(str(getattr(err, "err", err)).split()).strip("> ")
     return text if len(text) <= limit else text[:limit] + " ..."

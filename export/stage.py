@@ -30,15 +30,9 @@ def export_and_verify(backend, model, images: np.ndarray, export_cfg, out_path: 
     block = {"path": out_path.name, "opset": opset_of(onnx_model),
              "size_mb": round(out_path.stat().st_size / 1e6, 3),
              "export_s": round(time.perf_counter() - t0, 3), "passed": None}
-    if not export_cfg.verify:
-        return block, []
-    t1 = time.perf_counter()
-    reports = verify(out_path, list(export_cfg.get("runtimes", ["onnxruntime"])), images,
+    return _verified(block, out_path, list(export_cfg.get("runtimes", ["onnxruntime"])), images,
                      lambda x: backend.predict(model, x), export_cfg, backend.onnx_layout,
                      threads)
-    block.update(summary(reports))
-    block["verify_s"] = round(time.perf_counter() - t1, 3)
-    return block, reports
 
 
 def export_caffe(spec, input_size: int, weights: dict[str, np.ndarray], images: np.ndarray,
@@ -57,11 +51,18 @@ def export_caffe(spec, input_size: int, weights: dict[str, np.ndarray], images: 
              "sidecar": paths["sidecar"].name,
              "size_mb": round(paths["caffemodel"].stat().st_size / 1e6, 3),
              "export_s": round(time.perf_counter() - t0, 3), "passed": None}
+    return _verified(block, paths["prototxt"], ["opencv"], images, native_predict, export_cfg,
+                     "NCHW", threads)
+
+
+def _verified(block: dict, path: Path, runtimes: list[str], images: np.ndarray, native_predict,
+              export_cfg, layout: str, threads: int | None) -> tuple[dict, list[Report]]:
+    """``block`` with the verification of ``path`` in ``runtimes`` (unless export_cfg.verify is
+    off), and the reports."""
     if not export_cfg.verify:
         return block, []
-    t1 = time.perf_counter()
-    reports = verify(paths["prototxt"], ["opencv"], images, native_predict, export_cfg,
-                     threads=threads)
+    t0 = time.perf_counter()
+    reports = verify(path, runtimes, images, native_predict, export_cfg, layout, threads)
     block.update(summary(reports))
-    block["verify_s"] = round(time.perf_counter() - t1, 3)
+    block["verify_s"] = round(time.perf_counter() - t0, 3)
     return block, reports
