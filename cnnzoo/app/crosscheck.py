@@ -175,10 +175,7 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
                                    "runtimes": list(cfg.export.runtimes),
                                    "atol": vc.atol, "rtol": vc.rtol,
                                    "min_top1_agreement": vc.min_top1_agreement})
-    metadata = {"arch": spec.name, "input_shape": ["N", *analysis.input_shape],
-                "num_classes": spec.num_classes, "class_names": exp.dataset.classes,
-                "preprocess": exp.preprocess.metadata(), "params": analysis.params,
-                "versions": package_versions()}
+    metadata = exp.export_metadata(vc.reference, package_versions())
     rows, reference = [], None
     for backend_name in order:
         t0 = time.perf_counter()

@@ -63,6 +63,14 @@ class Experiment:
     train_split: object
     val_split: object
 
+    def export_metadata(self, backend: str, versions: dict) -> dict:
+        """What an exported model carries about itself (ONNX metadata_props, deploy.json)."""
+        return {"arch": self.spec.name, "backend": backend,
+                "input_shape": ["N", *self.analysis.input_shape],
+                "num_classes": self.spec.num_classes, "class_names": self.dataset.classes,
+                "preprocess": self.preprocess.metadata(), "params": self.analysis.params,
+                "versions": versions}
+
 
 def prepare(cfg: DictConfig) -> Experiment:
     from ..core.data import Augment, DataError, Preprocess, load_dataset

@@ -16,10 +16,7 @@ def export_run(cfg: DictConfig, backend, model, exp, run_dir: Path,
 
     spec, analysis, val_split = exp.spec, exp.analysis, exp.val_split
     images, _ = val_split.batch(0, min(cfg.export.num_images, len(val_split)))
-    metadata = {"arch": spec.name, "backend": cfg.backend.name,
-                "input_shape": ["N", *analysis.input_shape], "num_classes": spec.num_classes,
-                "class_names": exp.dataset.classes, "preprocess": exp.preprocess.metadata(),
-                "params": analysis.params, "versions": versions}
+    metadata = exp.export_metadata(cfg.backend.name, versions)
     threads = cfg.hardware.threads
     failures = []
     block, reports = export_and_verify(backend, model, images, cfg.export,
