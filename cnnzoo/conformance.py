@@ -241,6 +241,23 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(backend_na
     assert [r["epoch"] for r in MetricsLog(tmp_path / "metrics.csv").rows()] == [1]
 
 
+def test_an_epoch_end_hook_sees_each_row_and_can_stop_training(backend_name, tmp_path):
+    """``Backend.epoch_end_hooks`` (a sweep's pruning): called after each epoch's checkpoint with
+    its row; a returned reason ends training after that epoch."""
+    backend, model, train_split, val_split = small_run(backend_name, tmp_path)
+    seen = []
+
+    def stop_after_epoch_1(row):
+        seen.append(row)
+        return "enough" if row["epoch"] == 1 else None
+
+    backend.epoch_end_hooks.append(stop_after_epoch_1)
+    report = backend.train(model, train_split, val_split)
+    assert [r["epoch"] for r in seen] == [1] and np.isfinite(seen[0]["val_acc"])
+    assert report.stopped == "enough" and [r["epoch"] for r in report.history] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001"]
+
+
 # --------------------------------------------------------------------------- checkpoint files
 def test_checkpoint_loads_into_a_fresh_model(trained):
     backend, model, report, val = trained

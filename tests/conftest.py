@@ -68,9 +68,9 @@ def cli(tmp_path):
     return lambda *overrides, **kw: run_cli(tmp_path / "run", *overrides, **kw)
 
 
-def compose_cfg(*overrides: str):
+def compose_cfg(*overrides: str, **kwargs):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), **kwargs)
 
 
 def config_options(group: str) -> list[str]:

@@ -248,11 +248,11 @@ CONFIG_CASES = {
         "classes)")),
     "optuna-log-from-zero": (["hparams_search=optuna", "optim.lr=tag(log, interval(0, 0.1))"],
                              re.escape("Optuna search space 'optim.lr=tag(log, interval(0, 0.1))': "
-                                       "The `low` value must be larger than 0 for a log "
-                                       "distribution (low=0.0, high=0.1).")),
+                                       "`low > 0` must hold for `log=True`, but got "
+                                       "(low=0.0, high=0.1).")),
     "optuna-reversed": (["hparams_search=optuna", "optim.lr=interval(0.1, 0.001)"], re.escape(
-        "Optuna search space 'optim.lr=interval(0.1, 0.001)': The `low` value must be smaller "
-        "than or equal to the `high` value (low=0.1, high=0.001).")),
+        "Optuna search space 'optim.lr=interval(0.1, 0.001)': `low <= high` must hold, but got "
+        "(low=0.1, high=0.001).")),
 }
 
 

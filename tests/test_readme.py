@@ -41,8 +41,6 @@ RUN = {
     "python run.py -m arch=lenet5,alexnet arch.input_size=64 optim=adam": SHORT,
     "python run.py -m launcher=joblib optim.lr=0.1,0.03,0.01,0.003": SHORT,
     "python run.py hparams_search=optuna": SHORT + ONE_TRIAL,
-    "python run.py hparams_search=optuna hydra.sweeper.n_trials=50 arch=resnet50 "
-    "arch.input_size=64": SHORT + ONE_TRIAL + SMALL_INPUT,
     "python run.py hparams_search=optuna 'optim.lr=tag(log, interval(1e-3, 1))'":
         SHORT + ONE_TRIAL,
     "python run.py data=image_folder data.path=$HOME/data/flowers data.cache=true arch=resnet50 "
@@ -93,6 +91,20 @@ NOT_RUN = {
         "architecture to Caffe and OpenVINO, tests/test_deploy.py runs all three runtimes",
     "python run.py task=verify arch=resnet50 verify.weights=resnet50.npz":
         "needs a ResNet-50 weights file; tests/test_verify_matrix.py runs verify.weights",
+    "python run.py hparams_search=optuna hydra.sweeper.n_trials=50 arch=resnet50 "
+    "arch.input_size=64": "python run.py hparams_search=optuna (above) with another arch; "
+                          "tests/test_cli.py trains ResNet-50",
+    "python run.py hparams_search=optuna hydra/sweeper/pruner=median trainer.max_epochs=20":
+        "tests/test_optuna.py::test_a_trial_in_another_process_reports_each_epoch_and_is_pruned "
+        "runs the median pruner",
+    "python run.py hparams_search=optuna hydra/sweeper/sampler=multivariate_tpe":
+        "tests/test_optuna.py::test_every_sampler_and_pruner_is_made_from_its_config",
+    "python run.py hparams_search=optuna hydra.sweeper.n_trials=64 "
+    "hydra.sweeper.storage=postgresql://cnnzoo:secret@db.example.org/optuna":
+        "needs that server; tests/test_optuna.py::test_two_sweepers_share_a_study_in_postgresql "
+        "runs two sweepers at once on a PostgreSQL server it starts",
+    "python run.py hparams_search=optuna hydra.sweeper.storage=/shared/sweeps/study.log":
+        "tests/test_optuna.py::test_two_sweepers_share_a_study_in_a_journal_file runs two at once",
     "srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 python run.py hardware=multi_node "
     "arch=resnet50": "needs a SLURM cluster",
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-endpoint=$HEAD:29500 run.py "

@@ -1,15 +1,8 @@
-"""Sweeps through ``run.py -m``: grid, Optuna (resumed after a kill), failures, launchers."""
+"""Sweeps through ``run.py -m``: grid, failures, launchers (Optuna: tests/test_optuna.py)."""
 import csv
 import os
-import signal
-import subprocess
-import sys
-import time
 
-import optuna
 import pytest
-from conftest import ROOT
-from optuna.trial import TrialState
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -70,47 +63,3 @@ def test_submitit_local_launcher(cli, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert summary_rows(sweep)[0]["status"] == "ok"
     assert (sweep / ".submitit").is_dir()  # it really went through submitit
-
-
-def _optuna_cmd(sweep, n_trials):
-    return [sys.executable, "run.py", "hparams_search=optuna", f"hydra.sweeper.n_trials={n_trials}",
-            f"hydra.sweep.dir={sweep}", f"hydra.sweeper.storage=sqlite:///{sweep}/study.db", *FAST]
-
-
-def _complete(study):
-    return [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
-
-
-def test_optuna_study_resumes_after_a_kill_without_losing_or_repeating_trials(tmp_path):
-    sweep = tmp_path / "optuna"
-    storage = f"sqlite:///{sweep}/study.db"
-    proc = subprocess.Popen(_optuna_cmd(sweep, 4), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.5)
-        try:
-            if len(_complete(optuna.load_study(study_name="lenet5-torch-digits",
-                                               storage=storage))) >= 2:
-                break
-        except (KeyError, Exception):  # the study or its tables may not exist yet
-            continue
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-sweep
-    proc.wait()
-    study = optuna.load_study(study_name="lenet5-torch-digits", storage=storage)
-    assert 2 <= len(_complete(study)) < 4
-
-    r = subprocess.run(_optuna_cmd(sweep, 4), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    study = optuna.load_study(study_name="lenet5-torch-digits", storage=storage)
-    complete = _complete(study)
-    assert len(complete) == 4
-    params = [tuple(sorted(t.params.items())) for t in complete]
-    assert len(set(params)) == 4  # nothing repeated
-    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-    # a trial killed mid-run was run again with the same parameters, not lost
-    for t in study.get_trials(states=(TrialState.FAIL,)):
-        assert tuple(sorted(t.params.items())) in params
-    # every complete trial has its own run directory
-    assert all((sweep / str(t.number) / "results.json").exists() for t in complete)

@@ -21,15 +21,17 @@ from omegaconf import DictConfig
 from ..core.errors import CheckpointError
 from ..core.rundir import read_json
 
-COLUMNS = ("trial", "status", "objective", "val_acc", "val_loss", "train_loss", "time_s",
-           "overrides", "error")
+COLUMNS = ("trial", "status", "epochs", "objective", "val_acc", "val_loss", "train_loss",
+           "time_s", "overrides", "error")
 
 
 @dataclass
 class Trial:
     number: int
     overrides: list[str]
-    status: str  # ok, failed, verification_failed, or incomplete (no results.json: killed)
+    # ok, pruned (an Optuna pruner stopped it), failed, verification_failed, or incomplete
+    # (no results.json: killed)
+    status: str
     metrics: dict
     time_s: float | None
     error: str
@@ -46,6 +48,11 @@ def varying(trials: list[Trial]) -> list[Trial]:
                   t.time_s, t.error) for t in trials]
 
 
+def failed(trials: list[Trial]) -> list[Trial]:
+    """The trials that count against sweep.max_failure_rate (a pruned one did its job)."""
+    return [t for t in trials if t.status not in ("ok", "pruned")]
+
+
 def read_trials(sweep_dir: Path) -> list[Trial]:
     trials = []
     for job in sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
@@ -58,7 +65,7 @@ def read_trials(sweep_dir: Path) -> list[Trial]:
             results = {"status": "failed", "error": str(err)}
         trials.append(Trial(int(job.name), overrides or [], results.get("status", "incomplete"),
                             results.get("metrics", {}), results.get("timings", {}).get("total_s"),
-                            results.get("error", "")))
+                            results.get("error") or results.get("stopped", "")))
     return trials
 
 
@@ -94,7 +101,9 @@ def write_summary(sweep_dir: Path, trials: list[Trial], metric: str) -> Trial | 
 
 def _row(t: Trial, metric: str) -> dict:
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
-    return {"trial": t.number, "status": t.status, "objective": fmt(t.objective(metric)),
+    epochs = t.metrics.get("epoch")
+    return {"trial": t.number, "status": t.status, "epochs": "" if epochs is None else epochs,
+            "objective": fmt(t.objective(metric)),
             "val_acc": fmt(t.metrics.get("val_acc")), "val_loss": fmt(t.metrics.get("val_loss")),
             "train_loss": fmt(t.metrics.get("train_loss")), "time_s": fmt(t.time_s),
             "overrides": " ".join(t.overrides), "error": t.error.splitlines()[0] if t.error else ""}
@@ -108,10 +117,10 @@ def _plot(path: Path, trials: list[Trial], metric: str, best: Trial | None) -> N
     ok = [(t.number, t.objective(metric)) for t in trials if t.objective(metric) is not None]
     if ok:
         ax.plot(*zip(*ok), "o-", label=metric)
-    failed = [t.number for t in trials if t.objective(metric) is None]
-    if failed:
+    missing = [t.number for t in trials if t.objective(metric) is None]
+    if missing:
         low = min((v for _, v in ok), default=0.0)
-        ax.plot(failed, [low] * len(failed), "rx", markersize=10, label="failed")
+        ax.plot(missing, [low] * len(missing), "rx", markersize=10, label="failed or pruned")
     if best:
         ax.plot([best.number], [best.objective(metric)], "*", markersize=16, label="best")
     integer_ticks(ax)
@@ -130,11 +139,12 @@ def print_table(trials: list[Trial], metric: str, best: Trial | None) -> None:
     from rich.table import Table
 
     table = Table(title=f"sweep: {len(trials)} trials", title_justify="left")
-    for col in ("trial", "status", metric, "time_s", "overrides"):
+    for col in ("trial", "status", "epochs", metric, "time_s", "overrides"):
         table.add_column(col)
     for t in trials:
         value = t.objective(metric)
-        table.add_row(str(t.number), t.status, "" if value is None else f"{value:.4f}",
+        table.add_row(str(t.number), t.status, str(t.metrics.get("epoch", "")),
+                      "" if value is None else f"{value:.4f}",
                       "" if t.time_s is None else f"{t.time_s:.1f}", " ".join(t.overrides),
                       style="bold" if t is best else ("red" if value is None else None))
     Console().print(table)
@@ -150,10 +160,10 @@ class SweepSummary(Callback):
         best = write_summary(sweep_dir, trials, metric)
         print_table(trials, metric, best)
         print(f"sweep summary: {sweep_dir / 'sweep_summary.md'}")
-        failed = [t for t in trials if t.status != "ok"]
+        bad = failed(trials)
         limit = config.sweep.max_failure_rate
-        if trials and len(failed) / len(trials) > limit:
-            print(f"error: {len(failed)} of {len(trials)} trials failed, more than "
+        if trials and len(bad) / len(trials) > limit:
+            print(f"error: {len(bad)} of {len(trials)} trials failed, more than "
                   f"sweep.max_failure_rate={limit}; see {sweep_dir / 'sweep_summary.md'}",
                   file=sys.stderr)
             sys.exit(1)

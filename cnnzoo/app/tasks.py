@@ -162,6 +162,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
     train_split, val_split = exp.train_split, exp.val_split
     backend, model, native_params = build_model(cfg, run_dir, exp)
+    reporter = _trial_reporter(cfg, hydra_cfg)
+    if reporter is not None:
+        backend.epoch_end_hooks.append(reporter)
     print(f"{spec.name}: {analysis.params:,} parameters, input "
           f"{'x'.join(map(str, analysis.input_shape))}; {cfg.data.name}: {len(train_split)} train / "
           f"{len(val_split)} val images; backend {cfg.backend.name}")
@@ -193,9 +196,12 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
                            "images_per_s": round(report.images_per_s, 1)},
                "checkpoint": _relative(report.checkpoint, run_dir),
                "versions": package_versions()}
+    if report.stopped:  # pruned: the trial is judged by the sweep, nothing is exported
+        results["status"], results["stopped"] = "pruned", report.stopped
+        print(report.stopped, flush=True)
 
     failures = []
-    if cfg.export.enabled:
+    if cfg.export.enabled and not report.stopped:
         from .exporting import export_run
         results["export"], failures = export_run(cfg, backend, model, exp, run_dir,
                                                  results["versions"])
@@ -211,7 +217,15 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     print_summary(results, run_dir)
     if failures:
         raise RunFailed("\n".join(failures))
-    return metrics.get(cfg.optimized_metric)
+    return None if report.stopped else metrics.get(cfg.optimized_metric)
+
+
+def _trial_reporter(cfg: DictConfig, hydra_cfg):
+    """The Optuna trial this job reports each epoch to (a sweep with a pruner), or None."""
+    if hydra_cfg.sweeper.get("trial") is None:
+        return None
+    from .pruning import trial_reporter
+    return trial_reporter(cfg, hydra_cfg)
 
 
 def _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir: Path):

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # kept out of the import path: --help and task=summary stay i
 
     from .checkpoints import Checkpoint
     from .data import Split
-    from .training import TrainReport
+    from .training import EpochEndHook, TrainReport
 
 ENTRY_POINT_GROUP = "cnnzoo.backends"
 
@@ -99,6 +99,9 @@ class Backend(abc.ABC):
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # called after each epoch with its row (the application adds them, e.g. a sweep's
+        # pruning); ``train`` hands them to its TrainingProtocol (``hooks``)
+        self.epoch_end_hooks: list[EpochEndHook] = []
 
     @property
     def is_main_process(self) -> bool:
@@ -128,6 +131,9 @@ class Backend(abc.ABC):
         - at the end of an epoch, the means and the first non-finite training step, and a
           function that writes its full training state (weights, optimizer and schedule
           state, counters) into a folder;
+        - ``self.epoch_end_hooks`` given to the protocol, and training ended after an epoch
+          whose hooks set ``protocol.stop_reason`` (a single-process run; ``hardware`` with
+          several processes is refused before a hook is added);
         - with ``resume`` (a checkpoint of this run), that state restored, continuing with
           epoch ``resume.epoch``: the final weights equal an uninterrupted run's, bitwise on
           the CPU. Loading never runs code from a file: a file that would need it raises

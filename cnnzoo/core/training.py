@@ -9,6 +9,8 @@ Keras' ``fit``) or the backend writes it, calls one ``TrainingProtocol``:
         ...train, calling protocol.step(1, running) per step...
         protocol.begin_validation(); ...validate...; protocol.end_validation()
         protocol.end_epoch(epoch, means, images, lr, first_bad, write_state)
+        if protocol.stop_reason:                # an epoch-end hook asked to stop (pruning)
+            break
     return protocol.report(extra)
 
 ``end_epoch`` owns the rest, in this order: the divergence check and its message (nothing is
@@ -17,7 +19,10 @@ row, TensorBoard's scalars, the progress line, the checkpoint folder
 (``CheckpointDir.save(epoch, write_state)``), and the timing that images/s comes from
 (validation excluded, so the rate is comparable across backends). In the extra processes of
 multi-process training (``is_main=False``) nothing is written, and ``write_state`` still runs
-(into a scratch folder) where the framework's save is collective.
+(into a scratch folder) where the framework's save is collective. Last come the epoch-end
+hooks (``Backend.epoch_end_hooks``, for example a sweep's pruning): each gets the row and may
+return a reason to stop; the backend then ends training after this epoch, as if it were the
+last (``stop_reason``, ``TrainReport.stopped``).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .checkpoints import CheckpointDir, seed_python_numpy
 from .errors import TrainingDiverged
@@ -42,6 +47,7 @@ class TrainReport:
     images_per_s: float            # training images processed per second of train_time_s
     checkpoint: Path | None        # the last checkpoint written
     extra: dict = field(default_factory=dict)  # backend facts for results.json's hardware
+    stopped: str | None = None     # why an epoch-end hook ended training early, if one did
 
     @classmethod
     def nothing_trained(cls, checkpoint: Path | None, extra: dict | None = None) -> TrainReport:
@@ -59,11 +65,16 @@ class FirstBadStep:
                    # it; the epoch's non-finite mean, or inf, where only the step is known)
 
 
+EpochEndHook = Callable[[dict], "str | None"]  # the epoch's row -> a reason to stop, or None
+
+
 class TrainingProtocol:
     def __init__(self, cfg, run_dir: Path, backend_name: str, steps_per_epoch: int | None = None,
-                 is_main: bool = True, checkpoint_file: str | None = None):
+                 is_main: bool = True, checkpoint_file: str | None = None,
+                 hooks: Sequence[EpochEndHook] = ()):
         """``steps_per_epoch`` may wait until the first ``start_epoch`` (Lightning knows it
-        only then). ``checkpoint_file``: the file in each epoch folder that ``report`` names."""
+        only then). ``checkpoint_file``: the file in each epoch folder that ``report`` names.
+        ``hooks``: the backend's ``epoch_end_hooks``."""
         self.seed, self.max_epochs = cfg.seed, cfg.trainer.max_epochs
         self.optim = Optimizer.from_config(cfg.optim)
         self.backend_name, self.is_main, self.checkpoint_file = backend_name, is_main, \
@@ -77,6 +88,7 @@ class TrainingProtocol:
         self.board_dir, self.board = Path(run_dir) / "tensorboard", None
         self.progress: EpochProgress | None = None
         self.rows: list[dict] = []
+        self.hooks, self.stop_reason = tuple(hooks), None
         self.train_time, self.images, self.saved = 0.0, 0, None
         self._t0 = self._v0 = None
         self._val_time = 0.0
@@ -145,6 +157,8 @@ class TrainingProtocol:
                 self.saved = folder / self.checkpoint_file if self.checkpoint_file else folder
             else:  # the framework's save may be collective: it runs, only rank 0 keeps files
                 write_state(self.checkpoints.root / f".epoch-{epoch + 1:04d}.tmp")
+        for hook in self.hooks:  # after the checkpoint: a stopped run keeps this epoch
+            self.stop_reason = self.stop_reason or hook(row)
         return row
 
     def _check_divergence(self, epoch: int, row: dict, bad: FirstBadStep | None) -> None:
@@ -165,7 +179,8 @@ class TrainingProtocol:
         seconds = max(self.train_time, 1e-9)
         return TrainReport(history=self.rows, train_time_s=seconds,
                            images_per_s=self.images / seconds,
-                           checkpoint=self.saved or checkpoint, extra=extra or {})
+                           checkpoint=self.saved or checkpoint, extra=extra or {},
+                           stopped=self.stop_reason)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -50,7 +50,10 @@ class _Inference:
 
     def __init__(self, source, model):
         self.source, self.model = source, model
-        self.call = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
+        # one trace for every batch size (verification runs several, evaluate a remainder):
+        # a shape-specific trace and then a generalized one cost seconds each for a big model
+        batch = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        self.call = tf.function(lambda x: model(x, training=False), input_signature=[batch],
                                 jit_compile=False)
 
 
@@ -153,7 +156,7 @@ class KerasBackend(Backend):
         try:
             return fit(model, spec, train, val, resume, cfg=self.cfg, run_dir=self.run_dir,
                        strategy=self.strategy, policy=self.policy, devices=len(self.devices),
-                       extra=extra)
+                       extra=extra, hooks=self.epoch_end_hooks)
         finally:
             self._inference.pop(id(model), None)  # the weights changed
 

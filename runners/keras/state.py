@@ -84,8 +84,15 @@ def restore(model, path: Path, strategy) -> None:
     if not path.name.endswith(".weights.h5"):
         load_safely(path)  # refuses a file that would need code; discarded, read again below
     with strategy.scope():
-        model.optimizer.build(model.trainable_variables)
+        build_optimizer(model)
     load_weights_file(model, path)
+
+
+def build_optimizer(model) -> None:
+    """The compiled ``model``'s optimizer variables, once (``LossScaleOptimizer.build`` would
+    add its own variables again)."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
 
 
 def load_weights_file(model, path: Path) -> None:

@@ -150,6 +150,8 @@ class EpochCallback(keras.callbacks.Callback):
         last = epoch + 1 == self.protocol.max_epochs  # its folder gets the .keras archive too
         self.protocol.end_epoch(epoch, means, self.images_per_epoch, self.lr, bad,
                                 lambda folder: state.write_state(self.model, folder, last))
+        if self.protocol.stop_reason:
+            self.model.stop_training = True  # Keras' own way to end fit after this epoch
 
 
 class LiveEpochCallback(EpochCallback):
@@ -184,9 +186,10 @@ def steps_per_execution(cfg, devices: int) -> int:
 
 
 def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devices: int,
-        extra: dict) -> TrainReport:
+        extra: dict, hooks=()) -> TrainReport:
     """Compile ``model``, restore ``resume``'s state (if any) and train it to
-    ``trainer.max_epochs``; ``extra``: the report's hardware facts."""
+    ``trainer.max_epochs`` (or until an epoch-end hook stops it); ``extra``: the report's
+    hardware facts."""
     outputs = list(model.output_names)
     bs, max_epochs = cfg.data.batch_size, cfg.trainer.max_epochs
     start = 0 if resume is None else resume.epoch
@@ -210,12 +213,17 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
             + [[ce()] for _ in outputs[1:]],
             jit_compile=cfg.backend.get("jit_compile", "auto"),
             steps_per_execution=divisor_at_most(steps_per_execution(cfg, devices), steps))
+        # the optimizer's variables (zeros) now, not in the first trace of the train step:
+        # Keras builds them lazily there without a tf.distribute strategy, and a tf.function
+        # that creates variables is traced twice (Inception-ResNet-v2 at 75 px: ~20 s)
+        state.build_optimizer(model)
     resumed = state.training_file(resume.path) if resume is not None else None
     if resumed is not None:
         state.restore(model, resumed, strategy)
         if start >= max_epochs:  # nothing left to train
             return TrainReport.nothing_trained(resumed, extra)
-    protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT)
+    protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT,
+                                hooks=hooks)
     watch = LossWatch(strategy, model.optimizer.iterations)
     callback = (LiveEpochCallback if protocol.live else EpochCallback)(
         protocol, steps, min(steps * bs, len(train)), outputs, spec.aux_weight, watch,

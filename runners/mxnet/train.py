@@ -168,7 +168,7 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
         c.trainer.limit_val_batches, math.ceil(len(val) / c.data.batch_size)))
 
     protocol = TrainingProtocol(c, backend.run_dir, backend.name, len(train_batches),
-                                checkpoint_file=state.WEIGHTS_FILE)
+                                checkpoint_file=state.WEIGHTS_FILE, hooks=backend.epoch_end_hooks)
     sums_block = step_sums(hybridize)
     try:
         for epoch in range(resume.epoch if resume is not None else 0, c.trainer.max_epochs):
@@ -187,6 +187,8 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
                                        "val_acc": val_acc}, seen, lr,
                                None if bad is None else FirstBadStep(bad, loss),
                                functools.partial(state.write_state, mx, model, trainer))
+            if protocol.stop_reason:
+                break
     finally:
         protocol.close()
     model.collect_params().reset_ctx(mx.cpu())  # predict and export run on the CPU

@@ -90,7 +90,8 @@ class TorchBackend(Backend):
     def train(self, model, train, val, resume=None) -> TrainReport:
         check_gpus(self.cfg.hardware)
         loaders = functools.partial(self._loaders, train, val)
-        self._fabric, report = fit(self.cfg, self.run_dir, model, loaders, resume)
+        self._fabric, report = fit(self.cfg, self.run_dir, model, loaders, resume,
+                                   self.epoch_end_hooks)
         return report
 
     def _loaders(self, train, val, rank: int, world: int):

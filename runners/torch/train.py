@@ -167,21 +167,24 @@ class EpochSums:
                             else float("nan"))
 
 
-def fit(cfg, run_dir: Path, net: SpecModule, loaders, resume=None) -> tuple[Fabric, TrainReport]:
+def fit(cfg, run_dir: Path, net: SpecModule, loaders, resume=None, hooks=()
+        ) -> tuple[Fabric, TrainReport]:
     """Train ``net`` (resuming from the checkpoint ``resume``) on the batches of
-    ``loaders(rank, world_size)`` (the training and validation loaders of one process);
-    returns the Fabric and this process's protocol report. Under ddp_spawn the processes it
-    started trained: rank 0's report comes back, and ``net`` loads the last checkpoint."""
+    ``loaders(rank, world_size)`` (the training and validation loaders of one process), with
+    the backend's epoch-end ``hooks``; returns the Fabric and this process's protocol report.
+    Under ddp_spawn the processes it started trained: rank 0's report comes back, and ``net``
+    loads the last checkpoint."""
     hw = cfg.hardware
     fabric = Fabric(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
                     strategy=hw.strategy, precision=hw.precision)
-    report, trained_in = fabric.launch(_train, cfg, Path(run_dir), net, loaders, resume)
+    report, trained_in = fabric.launch(_train, cfg, Path(run_dir), net, loaders, resume,
+                                       tuple(hooks))
     if trained_in != os.getpid():  # ddp_spawn: the weights are in the last checkpoint
         net.load_state_dict(net_weights(load_state(report.checkpoint)))
     return fabric, report
 
 
-def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume):
+def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume, hooks):
     """One process's training (every process of a DDP run calls it): the protocol's report
     and the process id (rank 0's come back from ddp_spawn's processes)."""
     if cfg.trainer.deterministic:
@@ -200,7 +203,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
     model, opt = fabric.setup(model, opt)
     train_loader, val_loader = loaders(fabric.global_rank, fabric.world_size)
     protocol = TrainingProtocol(cfg, run_dir, "torch", is_main=fabric.is_global_zero,
-                                checkpoint_file=CHECKPOINT)
+                                checkpoint_file=CHECKPOINT, hooks=hooks)
     sums = EpochSums(fabric)
     steps = num_batches(cfg.trainer.limit_train_batches, len(train_loader))
     val_steps = num_batches(cfg.trainer.limit_val_batches, len(val_loader))
@@ -231,6 +234,8 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume)
                     Path(folder) / CHECKPOINT, training_state(net, opt, done)))
             if schedule is not None:
                 schedule.step()
+            if protocol.stop_reason:
+                break
     finally:
         protocol.close()
     report = protocol.report({"device": str(fabric.device)}, checkpoint=resume.file(CHECKPOINT)
