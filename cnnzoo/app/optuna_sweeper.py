@@ -32,6 +32,7 @@ from .optuna_study import (
     storage_kind,
     study_lock,
 )
+from .pruning import DEFAULT_STUDY, NO_PRUNER
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,11 @@ def sweep(conf: DictConfig, config: DictConfig, launcher, arguments: list[str]) 
                           "or a sweep on the command line, e.g. 'optim.lr=tag(log, "
                           "interval(1e-4, 1e-1))'")
     pruning = _check_pruning(conf, config)
+    # the pruner runs in each trial's job; made here too, so a bad config fails before a trial
     sampler, pruner = _instantiate(conf.sampler, space), _instantiate(conf.pruner)
     storage = open_storage(conf.storage)
-    name = conf.study_name or "cnnzoo"
+    name = conf.study_name or DEFAULT_STUDY
     study = open_study(name, storage, sampler, conf.direction, space)
-    study.pruner = pruner
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
@@ -84,7 +85,7 @@ def sweep(conf: DictConfig, config: DictConfig, launcher, arguments: list[str]) 
 
 
 def _check_pruning(conf: DictConfig, config: DictConfig) -> bool:
-    if conf.pruner._target_ == "optuna.pruners.NopPruner":
+    if conf.pruner._target_ == NO_PRUNER:
         return False
     if storage_kind(conf.storage) == "memory":
         raise ConfigError("pruning needs a storage the trials' jobs can reach: set "

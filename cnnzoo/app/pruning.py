@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from ..core.errors import ConfigError
 
 SWEEPER = "hydra_plugins.cnnzoo_optuna.OptunaSweeper"
+NO_PRUNER = "optuna.pruners.NopPruner"
+DEFAULT_STUDY = "cnnzoo"  # hydra.sweeper.study_name: null
 
 
 @dataclass
@@ -60,12 +62,12 @@ def trial_reporter(cfg, hydra_cfg) -> TrialReporter | None:
 
     sweeper = hydra_cfg.sweeper
     if sweeper.get("_target_") != SWEEPER or sweeper.get("trial") is None \
-            or sweeper.pruner._target_ == "optuna.pruners.NopPruner":
+            or sweeper.pruner._target_ == NO_PRUNER:
         return None
     hw = cfg.hardware
     if hw.devices != 1 or hw.num_nodes != 1:
         raise ConfigError(f"pruning stops a trial in one process: hardware.devices={hw.devices} "
                           f"hardware.num_nodes={hw.num_nodes} would leave the others waiting; "
                           f"use one device per trial, or hydra/sweeper/pruner=none")
-    return TrialReporter(sweeper.storage, sweeper.study_name or "cnnzoo", int(sweeper.trial),
+    return TrialReporter(sweeper.storage, sweeper.study_name or DEFAULT_STUDY, int(sweeper.trial),
                          OmegaConf.to_container(sweeper.pruner), cfg.optimized_metric)

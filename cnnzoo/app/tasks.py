@@ -30,6 +30,7 @@ from ..core.rundir import (
     write_json,
 )
 from .experiment import build_model, make_backend, prepare, spec_of
+from .pruning import trial_reporter
 from .validate import validate
 
 
@@ -162,7 +163,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
     train_split, val_split = exp.train_split, exp.val_split
     backend, model, native_params = build_model(cfg, run_dir, exp)
-    reporter = _trial_reporter(cfg, hydra_cfg)
+    reporter = trial_reporter(cfg, hydra_cfg)  # an Optuna trial with a pruner: each epoch
     if reporter is not None:
         backend.epoch_end_hooks.append(reporter)
     print(f"{spec.name}: {analysis.params:,} parameters, input "
@@ -218,14 +219,6 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     if failures:
         raise RunFailed("\n".join(failures))
     return None if report.stopped else metrics.get(cfg.optimized_metric)
-
-
-def _trial_reporter(cfg: DictConfig, hydra_cfg):
-    """The Optuna trial this job reports each epoch to (a sweep with a pruner), or None."""
-    if hydra_cfg.sweeper.get("trial") is None:
-        return None
-    from .pruning import trial_reporter
-    return trial_reporter(cfg, hydra_cfg)
 
 
 def _train_keeping_checkpoint(backend, model, train_split, val_split, resume, run_dir: Path):
