@@ -141,6 +141,12 @@ def _key(study_name: str) -> int:
     return int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
 
 
+def trial_id(storage, study_name: str, number: int) -> int:
+    """The storage's id of the study's trial ``number`` (what its per-trial calls take)."""
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study_name), number)
+
+
 def open_study(name: str, storage, sampler, direction: str, space: SearchSpace):
     """Create the study, or load it when it exists and was made for the same direction and
     search space (ConfigError otherwise: its trials would mean something else). A loaded
@@ -173,8 +179,7 @@ class Heartbeat:
     """Stamps the trials this process runs every ``interval`` seconds, from a thread."""
 
     def __init__(self, study, storage, interval: float):
-        self.storage, self.interval = storage, interval
-        self.study_id = storage.get_study_id_from_name(study.study_name)
+        self.storage, self.interval, self.study_name = storage, interval, study.study_name
         self.trials: dict[int, int] = {}  # number -> trial id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="optuna-heartbeat")
@@ -190,8 +195,7 @@ class Heartbeat:
 
     def claim(self, trial: optuna.Trial) -> None:
         """``trial`` is this process's now (its host and pid), stamped at once."""
-        self.trials[trial.number] = self.storage.get_trial_id_from_study_id_trial_number(
-            self.study_id, trial.number)
+        self.trials[trial.number] = trial_id(self.storage, self.study_name, trial.number)
         trial.set_user_attr(OWNER, f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr(BEAT, time.time())
 
@@ -233,12 +237,11 @@ def requeue_interrupted(study, storage, grace_period: float, mine: set[int]) -> 
     """Fail each interrupted trial (not one of ``mine``) and queue its parameters again.
     Call under ``study_lock``."""
     now = time.time()
-    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.number in mine or not interrupted(trial, grace_period, now):
             continue
-        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(
-            study_id, trial.number), INTERRUPTED, True)
+        storage.set_trial_user_attr(trial_id(storage, study.study_name, trial.number),
+                                    INTERRUPTED, True)
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
         log.info(f"Trial {trial.number} was interrupted (its sweeper stopped): its parameters "

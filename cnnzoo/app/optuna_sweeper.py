@@ -31,6 +31,7 @@ from .optuna_study import (
     shown,
     storage_kind,
     study_lock,
+    trial_id,
 )
 from .pruning import DEFAULT_STUDY, NO_PRUNER
 
@@ -122,9 +123,7 @@ def _tell(study, storage, trial, result) -> None:
     """Complete with the job's value, pruned if its pruner stopped it, failed otherwise."""
     from hydra.core.utils import JobStatus
 
-    study_id = storage.get_study_id_from_name(study.study_name)
-    stored = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id,
-                                                                                trial.number))
+    stored = storage.get_trial(trial_id(storage, study.study_name, trial.number))
     value = result._return_value if result.status == JobStatus.COMPLETED else None
     if PRUNED_AT in stored.user_attrs:
         study.tell(trial, state=TrialState.PRUNED)

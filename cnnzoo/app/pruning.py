@@ -41,15 +41,14 @@ class TrialReporter:
             import optuna
             from hydra.utils import instantiate
 
-            from .optuna_study import open_storage
+            from .optuna_study import open_storage, trial_id
 
             storage = open_storage(self.storage)
             study = optuna.load_study(study_name=self.study_name, storage=storage,
                                       sampler=optuna.samplers.RandomSampler(),
                                       pruner=instantiate(self.pruner))
-            study_id = storage.get_study_id_from_name(self.study_name)
-            self._trial = optuna.trial.Trial(
-                study, storage.get_trial_id_from_study_id_trial_number(study_id, self.number))
+            self._trial = optuna.trial.Trial(study, trial_id(storage, self.study_name,
+                                                             self.number))
         return self._trial
 
     def __getstate__(self) -> dict:  # travels to spawned processes without its connection
