@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -252,7 +253,9 @@ def every_architecture(request, tmp_path_factory):
     """backend, {(arch, extra): (results.json, the sweep's CliResult)}: one short epoch at a
     small input and a verified ONNX export of every architecture, as one sweep (``run.py -m
     arch=...``) per input size, so that the framework loads once per size; two sweeps at a
-    time on one thread each (CI has 2 cores), the largest models first."""
+    time on one thread each (CI has 2 cores), the largest models first. Each sweep's folder is
+    removed once its results are read: a backend's eleven runs write ~13 GB (VGG's checkpoints).
+    """
     backend, groups, found = request.param, {}, {}
     # one backend also writes Caffe's files and runs the ONNX file in OpenVINO (the exports go
     # through the canonical weights and the same ONNX graph rules, so one is enough)
@@ -282,6 +285,7 @@ def every_architecture(request, tmp_path_factory):
                 arch = next(a for a in archs if _spec(a, extra).name == res["arch"])
                 found[arch, extra] = res, r
             assert all((a, extra) in found for a in archs), r.stderr[-3000:]
+            shutil.rmtree(folders[group])
     return backend, found
 
 
