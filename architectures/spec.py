@@ -24,6 +24,12 @@ IntOrPair = Union[int, Pair]
 Shape = tuple[int, ...]
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
+# how every backend draws the initial conv and dense weights (Spec.init):
+# "default": PyTorch's default, U(+-1/sqrt(fan_in)) for weights and biases alike;
+# "kaiming_fan_out": torchvision's VGG, conv weights N(0, 2/fan_out), dense weights
+# N(0, 0.01^2), zero biases (He et al. 2015: a deep ReLU stack without batch norm keeps its
+# signal, where the default's smaller weights let it fade)
+INITS = ("default", "kaiming_fan_out")
 
 
 def pair(v: IntOrPair) -> Pair:
@@ -145,6 +151,7 @@ class Spec:
     # the loss is main + aux_weight * sum(aux losses); inference and export use the output alone
     aux_outputs: tuple[str, ...] = ()
     aux_weight: float = 0.0
+    init: str = "default"  # one of INITS
 
     @property
     def output(self) -> str:
@@ -403,13 +410,16 @@ class GraphBuilder:
     def sum(self, *xs, name=None):
         return self.add(Add(), *xs, name=name)
 
-    def build(self, aux_outputs: tuple[str, ...] = (), aux_weight: float = 0.0) -> Spec:
+    def build(self, aux_outputs: tuple[str, ...] = (), aux_weight: float = 0.0,
+              init: str = "default") -> Spec:
         """The Spec; its output is the last node added. ``aux_outputs`` name training-only
-        classifier heads (see Spec)."""
+        classifier heads (see Spec); ``init`` is one of INITS."""
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r} in {self.name}: one of {', '.join(INITS)}")
         if not self._nodes:
             raise ValueError(f"{self.name} has no layers")
         unknown = [a for a in aux_outputs if a not in self._names]
         if unknown:
             raise ValueError(f"unknown auxiliary outputs {unknown} in {self.name}")
         return Spec(self.name, self.in_channels, self.num_classes, tuple(self._nodes),
-                    self.input_size, tuple(aux_outputs), aux_weight)
+                    self.input_size, tuple(aux_outputs), aux_weight, init)

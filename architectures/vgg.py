@@ -30,7 +30,7 @@ def _vgg(name: str, num_classes: int, in_channels: int, input_size: int, dropout
         x = g.act(g.dense(x, 4096, name=f"fc{j}"), name=f"fc{j}_relu")
         x = g.dropout(x, dropout, name=f"fc{j}_dropout")
     g.dense(x, num_classes, name="fc3")
-    return g.build()
+    return g.build(init="kaiming_fan_out")  # torchvision's: 13-16 ReLU convs, no batch norm
 
 
 @register("vgg16", input_size=224, aliases=("vgg",), reference="torchvision vgg16")

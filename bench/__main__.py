@@ -22,6 +22,7 @@ from bench.common import (
     log,
     physical_cores,
     run_jobs,
+    split_csv,
 )
 
 PARTS = ("peak", "training", "efficiency", "inference", "startup", "data")
@@ -104,23 +105,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key, (full, quick) in PRESETS.items():
         if getattr(a, key) is None:
             setattr(a, key, quick if a.quick else full)
-    a.parts = _split(a.parts)
+    a.parts = split_csv(a.parts)
     unknown = set(a.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    a.archs, a.backends = _split(a.archs), _split(a.backends)
-    a.infer_batches = [int(b) for b in _split(a.infer_batches)]
-    a.peak_sizes = [int(n) for n in _split(a.peak_sizes)]
-    a.batch_sizes = [int(b) for b in _split(a.batch_sizes)] if a.batch_sizes else None
-    a.formats = _split(a.formats) if a.formats else None
-    a.ort_levels = _split(a.ort_levels)
+    a.archs, a.backends = split_csv(a.archs), split_csv(a.backends)
+    a.infer_batches = [int(b) for b in split_csv(a.infer_batches)]
+    a.peak_sizes = [int(n) for n in split_csv(a.peak_sizes)]
+    a.batch_sizes = [int(b) for b in split_csv(a.batch_sizes)] if a.batch_sizes else None
+    a.formats = split_csv(a.formats) if a.formats else None
+    a.ort_levels = split_csv(a.ort_levels)
     a.variants = parse_variants(DEFAULT_VARIANTS if a.variants is None else a.variants,
                                 physical_cores(), p)
     return a
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def parse_variants(items: list[str], cores: int, p) -> list[tuple[str, str | None, list[str]]]:
@@ -133,7 +130,7 @@ def parse_variants(items: list[str], cores: int, p) -> list[tuple[str, str | Non
         if not sep or not body:
             p.error(f"--variants {item!r}: expected BACKEND[@ARCH]:override[,override]")
         backend, _, arch = head.partition("@")
-        out.append((backend, arch or None, _split(body.replace("{cores}", str(cores)))))
+        out.append((backend, arch or None, split_csv(body.replace("{cores}", str(cores)))))
     return out
 
 

@@ -260,8 +260,7 @@ def run_jobs(jobs: list[dict], timeout: float, env: dict | None = None) -> list[
     with tempfile.TemporaryDirectory(prefix="cnnzoo-bench-") as tmp:
         spec, out = Path(tmp) / "jobs.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps({"jobs": jobs}))
-        full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2",
-                    **(env or {})}
+        full_env = child_env(env)
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.child", str(spec), str(out)],
                                   check=False, cwd=ROOT, env=full_env, capture_output=True,
@@ -272,6 +271,18 @@ def run_jobs(jobs: list[dict], timeout: float, env: dict | None = None) -> list[
             why = f"child timed out after {timeout:.0f} s"
         done = json.loads(out.read_text()) if out.exists() else []
     return done + [{"error": why}] * (len(jobs) - len(done))
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment for a child, with the frameworks' warnings and TensorFlow's
+    log lines silenced (they would bury the output that is read back)."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2",
+            **(extra or {})}
+
+
+def split_csv(text: str) -> list[str]:
+    """A comma-separated option's items, blanks dropped."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def log(msg: str) -> None:

@@ -158,7 +158,7 @@ def _fmt(v, unit: str = "") -> str:
     return str(v)
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
+def md_table(header: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines]
     return "\n".join(out) + "\n"
@@ -229,14 +229,14 @@ def markdown(rows: list[Row], meta: dict) -> str:
     judged = [r for r in rows if r.target or r.status == "error"]
     if judged:
         lines += ["## Targets", "",
-                  _table(["part", "arch", "backend", "batch", "measurement", "variant",
+                  md_table(["part", "arch", "backend", "batch", "measurement", "variant",
                           "measured", "target", "status"],
                          [[r.part, r.arch, r.backend, r.batch, r.measurement, r.variant,
                            _measured(r), r.target or r.note, _status(r)] for r in judged])]
     for part, title, header, cells in SECTIONS:
         mine = [r for r in rows if r.part == part]
         if mine:
-            lines += [f"## {title}", "", _table(header, [cells(r) for r in mine])]
+            lines += [f"## {title}", "", md_table(header, [cells(r) for r in mine])]
     notes = meta.get("notes", [])
     if notes:
         lines += ["## How it was measured", ""] + [f"- {n}" for n in notes] + [""]

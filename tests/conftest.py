@@ -79,4 +79,6 @@ def config_options(group: str) -> list[str]:
     if group == "backend":
         from cnnzoo.core.backend import usable_backends
         return usable_backends()
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    # a file named _x.yaml is a part other options include (conf/optim/_schedule.yaml)
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")
+                  if not p.stem.startswith("_"))

@@ -6,14 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not an installed package
-from bench import report
+from bench import accuracy, report
 from bench.__main__ import PARTS, parse_args
 from bench.common import SAME_PROCESS, Row, Stats
 
@@ -215,3 +217,127 @@ def test_loop_floor_times_every_loop_against_the_hand_written_one():
     assert rows[0][2].strip() == "1.000x"
     assert all(_positive(r[1].strip().replace(",", "")) for r in rows)
     assert all(_positive(r[2].strip().rstrip("x")) for r in rows)
+
+
+# --------------------------------------------------------------------------- the accuracy table
+@pytest.mark.parametrize("argv, says", [
+    (["--archs", "lenet5,nonet"], "unknown architecture 'nonet'"),
+    (["--backends", "torch,caffe"], "unknown backend 'caffe'"),
+    (["--epochs", "0"], "--epochs 0"), (["--target", "0"], "--target 0"),
+    (["--target", "1.5"], "--target 1.5"), (["--extra", "optim=nonsense"], "optim/nonsense"),
+    (["--readme", "{no_markers}"], "<!-- accuracy-table:start -->")])
+def test_accuracy_bad_input_is_one_line_and_exit_2(argv, says, tmp_path, capsys):
+    (tmp_path / "README.md").write_text("# no markers here\n")
+    argv = [a.format(no_markers=tmp_path / "README.md") for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        accuracy.main(["--archs", "lenet5", "--out", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_run(run_dir, val_accs, optim=None):
+    """A finished run directory as run.py leaves it (only what the table reads)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("epoch,val_acc\n" + "".join(
+        f"{e},{v}\n" for e, v in enumerate(val_accs, 1)))
+    (run_dir / "config.yaml").write_text("optim:\n  name: sgd\n  lr: 0.1\n  scheduler: cosine\n")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"status": "ok", "input_shape": [3, 32, 32], **({"optim": optim} if optim else {})}))
+
+
+def test_accuracy_rows_mark_runs_below_the_target_and_the_spread_across_backends(tmp_path):
+    _fake_run(tmp_path / "t", [0.5, 0.93, 0.91])
+    _fake_run(tmp_path / "k", [0.4, 0.7, 0.8], optim={"lr": 0.025, "warmup_epochs": 2})
+    rows = [accuracy.row("resnet50", "torch", tmp_path / "t", 0.9, None),
+            accuracy.row("resnet50", "keras", tmp_path / "k", 0.9, None)]
+    accuracy.add_spread(rows)
+    torch_, keras = rows
+    assert (torch_["best_val_acc"], torch_["best_epoch"], torch_["first_epoch_at_target"],
+            torch_["final_val_acc"], torch_["epochs"]) == (0.93, 2, 2, 0.91, 3)
+    assert keras["below_target"] and keras["first_epoch_at_target"] is None
+    assert keras["optim"]["lr"] == 0.025 and keras["optim"]["lr_source"] == "results.json"
+    assert torch_["optim"]["lr"] == 0.1 and torch_["optim"]["lr_source"] == "config.yaml"
+    assert torch_["backend_spread"] == keras["backend_spread"] == pytest.approx(0.13)
+    md = accuracy.table(rows, {"target": 0.9, "epochs": 3, "extra": [], "command": "c",
+                               "started": "2026-01-01T00:00:00", "fingerprint": {
+                                   "cpu": "CPU X", "physical_cores": 2, "git_commit": "abc"}})
+    lines = md.splitlines()
+    assert "| resnet50 | torch | 32 | 3 | 0.9300 (2) | 2 | 0.9100 | sgd 0.1, cosine |" in md
+    keras_line = next(ln for ln in lines if "| keras |" in ln)
+    assert "**0.8000** (3), below 0.90" in keras_line and "sgd 0.025, warmup 2 ep" in keras_line
+    assert "| 0.1300 |" in keras_line and lines[0].startswith("Measured on CPU X")
+
+
+def test_accuracy_tables_finished_runs_of_earlier_parts_with_the_same_settings(tmp_path):
+    """A bench run in parts builds one table: finished runs of the same settings in --out join
+    the rows (in the plan's order); runs of other settings do not."""
+    args = accuracy.parse_args(["--archs", "resnet50", "--backends", "torch", "--epochs", "3",
+                                "--out", str(tmp_path)])
+    for arch, backend, epochs in (("lenet5", "mxnet", 3), ("vgg16", "torch", 3),
+                                  ("alexnet", "torch", 5)):
+        _fake_run(tmp_path / f"{arch}-{backend}", [0.5, 0.9, 0.95])
+        results = tmp_path / f"{arch}-{backend}" / "results.json"
+        results.write_text(json.dumps({**json.loads(results.read_text()), "overrides":
+                                       accuracy.overrides(arch, backend, epochs, [])}))
+    _fake_run(tmp_path / "resnet50-torch", [0.9])
+    rows = accuracy.with_other_finished_runs(
+        args, [accuracy.row("resnet50", "torch", tmp_path / "resnet50-torch", 0.9, None)])
+    assert [(r["arch"], r["backend"]) for r in rows] == [
+        ("lenet5", "mxnet"), ("resnet50", "torch"), ("vgg16", "torch")]  # list_archs' order
+
+
+@pytest.fixture(scope="module")
+def accuracy_run(tmp_path_factory):
+    """``python -m bench.accuracy`` on LeNet-5, torch, one epoch, as a user runs it."""
+    out = tmp_path_factory.mktemp("accuracy") / "out"
+    argv = [sys.executable, "-m", "bench.accuracy", "--archs", "lenet5", "--backends", "torch",
+            "--epochs", "1", "--out", str(out)]
+
+    def run(*more):
+        return subprocess.run([*argv, *more], check=False, cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+    return run, run(), out
+
+
+@pytest.mark.slow
+def test_accuracy_trains_reports_and_does_not_train_a_finished_run_again(accuracy_run):
+    run, first, out = accuracy_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((out / "accuracy.json").read_text())
+    (row,) = data["rows"]
+    with (out / "lenet5-torch" / "metrics.csv").open(newline="") as f:
+        val_acc = [float(r["val_acc"]) for r in csv.DictReader(f)]
+    assert len(val_acc) == 1 and 0 <= val_acc[0] <= 1
+    assert (row["arch"], row["backend"], row["input_size"], row["epochs"]) == ("lenet5", "torch",
+                                                                               32, 1)
+    assert row["best_val_acc"] == row["final_val_acc"] == val_acc[0] and row["status"] == "ok"
+    assert row["optim"]["name"] == "adam" and row["optim"]["lr"] == 0.001 and row["wall_s"] > 0
+    assert data["cpu"] and data["commit"] and "--epochs 1" in data["command"]
+    md = (out / "accuracy.md").read_text()
+    assert "| lenet5 | torch | 32 | 1 |" in md and f"{val_acc[0]:.4f}" in md and data["cpu"] in md
+    results = out / "lenet5-torch" / "results.json"
+    mtime, t0 = results.stat().st_mtime_ns, time.perf_counter()
+    again = run()
+    assert again.returncode == 0 and "done already" in again.stderr, again.stderr[-3000:]
+    assert results.stat().st_mtime_ns == mtime and time.perf_counter() - t0 < 30
+    assert json.loads((out / "accuracy.json").read_text())["rows"][0]["best_val_acc"] == val_acc[0]
+
+
+@pytest.mark.slow
+def test_accuracy_readme_rewrites_only_what_lies_between_the_markers(accuracy_run, tmp_path):
+    run, first, out = accuracy_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)  # the real README carries the markers
+    start, end = accuracy.MARKERS
+    before = readme.read_text()
+    proc = run("--readme", str(readme))
+    assert proc.returncode == 0 and "done already" in proc.stderr, proc.stderr[-3000:]
+    after = readme.read_text()
+    assert after.split(start)[0] == before.split(start)[0]
+    assert after.split(end)[1] == before.split(end)[1]
+    block = after.split(start)[1].split(end)[0]
+    assert block.strip() == (out / "accuracy.md").read_text().split("\n", 2)[2].strip()
+    assert "| lenet5 | torch | 32 | 1 |" in block and "Not measured yet" not in block

@@ -32,7 +32,8 @@ from cnnzoo.app.tasks import summary  # noqa: E402
 from cnnzoo.core.checkpoints import CheckpointDir  # noqa: E402
 from cnnzoo.core.data import Augment, Preprocess, epoch_order, load_digits, make_synthetic  # noqa: E402
 from cnnzoo.core.errors import CheckpointError, ConfigError, TrainingDiverged  # noqa: E402
-from cnnzoo.core.optim import Optimizer  # noqa: E402
+from cnnzoo.core.optim import Optimizer, Schedule  # noqa: E402
+from cnnzoo.core.training import TrainingProtocol  # noqa: E402
 from runners.mxnet.backend import MXNetBackend  # noqa: E402
 from runners.mxnet.model import SpecGraph, key  # noqa: E402
 from runners.mxnet.state import restore_trainer_state  # noqa: E402
@@ -354,7 +355,8 @@ def test_two_contexts_compute_the_single_context_step(tmp_path):
 def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     report, weights = train_toy(tmp_path, toy_spec(), "optim=rmsprop", "optim.lr=0.01")
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["lr"]) == pytest.approx(0.005)
+    last = Schedule(0.01, "cosine", steps_per_epoch=4, max_epochs=2).rate(7)  # the 8th step's
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["lr"]) == pytest.approx(last)
     assert report.history[-1]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-5)
     folder = tmp_path / "checkpoints" / "epoch-0002"
     assert report.checkpoint == folder / "model.params"
@@ -373,7 +375,7 @@ def test_training_writes_metrics_checkpoints_and_tensorboard(tmp_path):
                             kvstore=None)
     restore_trainer_state(mx, trainer, folder)
     opt, states = trainer._optimizer, trainer._updaters[0].states
-    assert type(opt).__name__ == "RMSprop" and opt.num_update == 8 and opt.learning_rate == 0.005
+    assert type(opt).__name__ == "RMSprop" and opt.num_update == 8 and opt.learning_rate == pytest.approx(last)
     fc = next(i for i, p in enumerate(trainer._params) if p.name == "fc_weight")
     square_avg, buf = states[fc]
     assert square_avg.shape == buf.shape == weights["fc_weight"].shape
@@ -451,14 +453,27 @@ RESUMES = [  # (hardware, overrides): the fused SGD, Adam (bias correction count
 
 @pytest.mark.parametrize("hardware, overrides", RESUMES,
                          ids=[f"{h}-{o[0][6:]}" for h, o in RESUMES])
-def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, hardware, overrides):
-    """Toy (batch norm and dropout) for 3 epochs, against 1 epoch and a resume for 2 more:
-    weights, optimizer state, schedule position and the generators all continue."""
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, hardware, overrides,
+                                                             monkeypatch):
+    """Toy (batch norm and dropout) for 3 epochs, against a run killed after epoch 1 and
+    resumed for 2 more: weights, optimizer state, the schedule's position and the generators
+    all continue."""
     spec = toy_spec()
     _, want = train_toy(tmp_path / "whole", spec, "trainer.max_epochs=3", *overrides,
                         hardware=hardware)
-    train_toy(tmp_path / "cut", spec, "trainer.max_epochs=1", *overrides, hardware=hardware)
+    end_epoch = TrainingProtocol.end_epoch
+
+    def killed_after_epoch_1(self, epoch, *args, **kwargs):
+        row = end_epoch(self, epoch, *args, **kwargs)
+        if epoch == 0:
+            raise KeyboardInterrupt  # stands for the process killed after the checkpoint
+        return row
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(TrainingProtocol, "end_epoch", killed_after_epoch_1)
+        train_toy(tmp_path / "cut", spec, "trainer.max_epochs=3", *overrides, hardware=hardware)
     first = CheckpointDir(tmp_path / "cut").latest()
+    assert first.epoch == 1
     report, got = train_toy(tmp_path / "cut", spec, "trainer.max_epochs=3", *overrides,
                             hardware=hardware, resume=first)
     assert [r["epoch"] for r in report.history] == [2, 3]

@@ -61,6 +61,7 @@ RUN = {
     "python run.py arch=alexnet arch.input_size=64 hydra.run.dir=runs/alexnet": SHORT,
     "python -m cnnzoo.app.predict <run>/deploy.prototxt photo.png": (),
     "python run.py task=verify arch=xception arch.input_size=32": (),
+    "python run.py task=lr_find lr_find.num_steps=50": (),
 }
 NOT_RUN = {
     # run elsewhere with assertions on what they write (here they would only run again)
@@ -83,6 +84,9 @@ NOT_RUN = {
                                   "docs/benchmarks.md)",
     "python run.py hardware=ddp_cpu": "tests/test_cli.py::test_ddp_on_two_cpu_processes_writes_"
                                       "one_run_directory runs it, shortened",
+    "python -m bench.accuracy --readme": "trains every architecture for 15 epochs and rewrites "
+                                         "README.md; tests/test_bench.py runs it on LeNet-5 for "
+                                         "one epoch, with --readme on a copy of the README",
     "python run.py task=verify verify.archs=all verify.input_size=32":
         "the 11 x 3 matrix takes several minutes; tests/test_verify_matrix.py checks its parts",
     "python run.py task=verify verify.archs=all verify.input_size=32 export.caffe=true "
@@ -105,6 +109,15 @@ NOT_RUN = {
         "runs two sweepers at once on a PostgreSQL server it starts",
     "python run.py hparams_search=optuna hydra.sweeper.storage=/shared/sweeps/study.log":
         "tests/test_optuna.py::test_two_sweepers_share_a_study_in_a_journal_file runs two at once",
+    "python run.py arch=resnet50 arch.input_size=32": "tests/test_recipes.py::test_the_paper_"
+        "recipe_is_stated_at_the_papers_batch checks the line it prints; the accuracy table "
+        "(python -m bench.accuracy) trains it",
+    "python run.py arch=resnet50 data.batch_size=128": "tests/test_recipes.py::test_the_rate_"
+        "follows_the_global_batch",
+    "python run.py arch=resnet50 optim.warmup_epochs=0 optim.scheduler=step":
+        "tests/test_recipes.py::test_step_decay_counts_epochs_from_the_start",
+    "python run.py optim=sgd optim.lr=0.01 optim.reference_batch=256":
+        "tests/test_recipes.py::test_the_rate_follows_the_global_batch",
     "srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 python run.py hardware=multi_node "
     "arch=resnet50": "needs a SLURM cluster",
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-endpoint=$HEAD:29500 run.py "

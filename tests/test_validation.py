@@ -57,12 +57,16 @@ OTHER_TESTS = {
     "export.runtimes, export.caffe":
         "tests/test_cli.py::test_a_runtime_not_installed_is_refused_before_training",
     "arch.name": "tests/test_validation.py::test_unknown_architecture",
+    "optim.warmup_epochs, trainer.max_epochs":
+        "tests/test_recipes.py::test_a_warmup_as_long_as_the_run_is_refused_before_training",
     "arch.options": "tests/test_config.py::test_unknown_arch_option_is_reported",
     "arch.input_size": "tests/test_config.py::test_input_too_small_names_the_minimum",
     "verify.backends, verify.reference":
         "tests/test_verify_matrix.py::test_verify_settings_are_validated",
     "verify.archs, verify.weights":
         "tests/test_verify_matrix.py::test_weights_file_is_checked_against_the_architecture",
+    "hardware.devices, hardware.num_nodes":
+        "tests/test_lr_find.py::test_bad_lr_find_settings_are_refused_in_one_line",
     "hardware.*, backend.*":
         "tests/test_config.py::test_backend_limits_are_refused_before_anything_loads",
     "backend.name":

@@ -47,7 +47,7 @@ def run_task(cfg: DictConfig, hydra_cfg) -> float | None:
     try:
         validate(cfg)
         _check_same_task(cfg, run_dir)
-        if cfg.task in ("train", "verify"):
+        if cfg.task in ("train", "verify", "lr_find"):
             _share_cpu_threads(cfg, hydra_cfg.launcher.get("n_jobs") if in_sweep else None)
         if cfg.task == "train":
             return train(cfg, run_dir, hydra_cfg)  # records the invocation when it starts writing
@@ -87,6 +87,9 @@ def _run_other_task(cfg: DictConfig, run_dir: Path, hydra_cfg):
     if cfg.task == "eval":
         from .evaluate import evaluate
         return evaluate(cfg, run_dir, list(hydra_cfg.overrides.task))
+    if cfg.task == "lr_find":
+        from .lr_find import lr_find
+        return lr_find(cfg, run_dir)
     from .crosscheck import verify_task
     return verify_task(cfg, run_dir)
 
@@ -188,6 +191,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
                "resumed_from_epoch": resume.epoch if resume else None,
                "weights_sha256": weights_sha256(backend.get_weights(model)),
                "hardware": {**OmegaConf.to_container(cfg.hardware), **report.extra},
+               "optim": report.optim,
                "machine": machine_info(), "git": git_info(Path(__file__).parent),
                "data": {"name": dataset.name, "train_images": len(train_split),
                         "val_images": len(val_split), "classes": dataset.classes,

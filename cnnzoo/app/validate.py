@@ -13,7 +13,7 @@ from export.quantize import METHODS as CALIBRATION_METHODS
 
 from ..core.backend import available_backends, backend_info, usable_backends
 from ..core.errors import ConfigError
-from ..core.optim import OPTIMIZERS, SCHEDULERS
+from ..core.optim import OPTIMIZERS, SCALINGS, SCHEDULERS
 from ..core.rules import (
     BOOLEAN,
     NON_NEGATIVE_INT,
@@ -30,7 +30,7 @@ from ..core.rules import (
     problems,
 )
 
-TASKS = ("train", "summary", "eval", "predict", "verify")
+TASKS = ("train", "summary", "eval", "predict", "verify", "lr_find")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
@@ -50,7 +50,7 @@ PREDICT_RULES = {
 }
 
 # tasks that load the backend's framework (summary does only with an explicit backend=)
-FRAMEWORK_TASKS = ("train", "eval", "verify")
+FRAMEWORK_TASKS = ("train", "eval", "verify", "lr_find")
 
 
 def _rules(cfg: DictConfig):
@@ -118,6 +118,7 @@ def _rules(cfg: DictConfig):
         "verify.rtol": nonneg_num,
         "verify.min_top1_agreement": PROBABILITY,
         "verify.keep_onnx": BOOLEAN,
+        **_lr_find_rules(cfg),
     }
     for key in ("momentum", "alpha"):  # optimizer-specific keys, checked where present
         if cfg.optim.get(key) is not None:
@@ -126,6 +127,12 @@ def _rules(cfg: DictConfig):
         table["optim.eps"] = pos_num
     if cfg.optim.get("nesterov") is not None:
         table["optim.nesterov"] = BOOLEAN
+    recipe = {"optim.reference_batch": optional(pos_int), "optim.scaling": one_of(SCALINGS),
+              "optim.warmup_epochs": nonneg_num, "optim.step_epochs": pos_num,
+              "optim.gamma": Rule(is_num, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+              "optim.label_smoothing": Rule(is_num, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+              "optim.clip_grad_norm": optional(pos_num)}
+    table.update({k: rule for k, rule in recipe.items() if k.split(".")[1] in cfg.optim})
     if cfg.get("task") == "predict":
         table.update(PREDICT_RULES)
     info = _installed_info(cfg.backend.get("name"))
@@ -137,6 +144,30 @@ def _rules(cfg: DictConfig):
                       "data.image_size": pos_int, "data.channels": pos_int})
     table.update(_data_file_rules(cfg))
     return table
+
+
+def _lr_find_rules(cfg: DictConfig):
+    """task=lr_find's rates and stop rule (checked always: the defaults are sound)."""
+    min_lr = cfg.lr_find.get("min_lr")
+    return {
+        "lr_find.min_lr": POSITIVE_NUMBER,
+        "lr_find.max_lr": Rule(is_num, lambda v: v > (min_lr if is_num(min_lr) else 0),
+                               "a number above lr_find.min_lr"),
+        # the suggestion leaves out the first 10 steps and the last one
+        "lr_find.num_steps": Rule(is_int, lambda v: v >= 20,
+                                  "an integer >= 20 (fewer leave too few steps for a suggestion)"),
+        "lr_find.early_stop_threshold": optional(Rule(is_num, lambda v: v > 1,
+                                                      "a number above 1")),
+    }
+
+
+def _one_device(cfg: DictConfig) -> list[str]:
+    """task=lr_find steps one model on one device: several devices or nodes are refused."""
+    if cfg.get("task") != "lr_find":
+        return []
+    return [f"{key}={value}: task=lr_find runs on one device: use {key}=1"
+            for key in ("hardware.devices", "hardware.num_nodes")
+            if (value := OmegaConf.select(cfg, key)) != 1]
 
 
 def _data_file_rules(cfg: DictConfig):
@@ -177,6 +208,8 @@ def validate(cfg: DictConfig) -> None:
             errors.append(f"{key} has {len(values)} values but arch.in_channels is "
                           f"{cfg.arch.in_channels}: give {' or '.join(map(str, allowed))}")
     errors += _backend_errors(cfg)
+    errors += _warmup_errors(cfg)
+    errors += _one_device(cfg)
     errors += _verify_lists(cfg)
     errors += _export_runtimes(cfg)
     sizes = cfg.export.batch_sizes
@@ -187,6 +220,18 @@ def validate(cfg: DictConfig) -> None:
         errors += _check_arch(cfg)
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _warmup_errors(cfg: DictConfig) -> list[str]:
+    """A warm-up set explicitly must end before the run does (the rate would never reach
+    optim.lr); a recipe's (optim=paper's, an interpolation) is cut to fit (Optimizer.warmup)."""
+    if "warmup_epochs" not in cfg.optim or OmegaConf.is_interpolation(cfg.optim, "warmup_epochs"):
+        return []
+    warmup, epochs = cfg.optim.warmup_epochs or 0, cfg.trainer.max_epochs
+    if not warmup or not (is_num(warmup) and is_int(epochs) and epochs > 0) or warmup < epochs:
+        return []  # no warm-up, or a rule reports the value
+    return [f"optim.warmup_epochs={warmup} is not shorter than the run (trainer.max_epochs="
+            f"{epochs}): lower optim.warmup_epochs or raise trainer.max_epochs"]
 
 
 def _export_runtimes(cfg: DictConfig) -> list[str]:
@@ -303,6 +348,8 @@ OTHER_CHECKS = (
     ("export.runtimes", "distinct runtimes from onnxruntime, opencv, openvino", "always"),
     ("export.runtimes, export.caffe", "the runtimes installed (Caffe files are verified in "
      "opencv)", "task=train/verify with export.verify"),
+    ("optim.warmup_epochs, trainer.max_epochs", "a warm-up shorter than the run (a recipe's own "
+     "is cut to half the run instead)", "always"),
     ("arch.name", "a registered architecture", "always"),
     ("arch.options", "only the architecture's own options, with values it accepts", "always"),
     ("arch.input_size", "at least the architecture's minimum input size (task=summary prints it)",
@@ -311,10 +358,11 @@ OTHER_CHECKS = (
      "framework is installed); the reference among them", "task=verify"),
     ("verify.archs, verify.weights", "null, all or architecture names; a weights file only with "
                                      "verify.archs=null", "always"),
+    ("hardware.devices, hardware.num_nodes", "1 (one device)", "task=lr_find"),
     ("hardware.*, backend.*", "what the chosen backend supports (its declared limits, listed "
      "below)", "always"),
-    ("backend.name", "an installed backend; for task=train/eval/verify its framework installed "
-     "(the error names the install command)", "always"),
+    ("backend.name", "an installed backend; for task=train/eval/verify/lr_find its framework "
+     "installed (the error names the install command)", "always"),
     ("hardware.accelerator=gpu, hardware.devices", "no more GPUs than the framework sees",
      "when the backend starts"),
     ("arch.num_classes", "at least the dataset's classes", "when the data loads"),

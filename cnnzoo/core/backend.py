@@ -27,6 +27,8 @@ from .errors import ConfigError
 from .rules import Rule
 
 if TYPE_CHECKING:  # kept out of the import path: --help and task=summary stay instant
+    from collections.abc import Callable, Sequence
+
     import numpy as np
     from omegaconf import DictConfig
 
@@ -127,7 +129,10 @@ class Backend(abc.ABC):
         - batches in ``cnnzoo.core.data.epoch_order`` (``epoch_chunks``), so every backend sees
           the same inputs for the same seed;
         - at the start of 0-based epoch e, its own generators seeded from the seed that
-          ``TrainingProtocol.start_epoch(e)`` returns, and that epoch's learning rate;
+          ``TrainingProtocol.start_epoch(e)`` returns; before every 0-based step s of the run,
+          the rate ``protocol.schedule.rate(s)``, and the protocol told the global batch;
+        - the loss with ``optim.label_smoothing`` and the gradient clipped at
+          ``optim.clip_grad_norm``, as ``cnnzoo.core.optim`` states them;
         - at the end of an epoch, the means and the first non-finite training step, and a
           function that writes its full training state (weights, optimizer and schedule
           state, counters) into a folder;
@@ -138,6 +143,24 @@ class Backend(abc.ABC):
           epoch ``resume.epoch``: the final weights equal an uninterrupted run's, bitwise on
           the CPU. Loading never runs code from a file: a file that would need it raises
           ``CheckpointError``."""
+
+    @abc.abstractmethod
+    def lr_range_test(self, model, train: Split, rates: Sequence[float],
+                      stop: Callable[[list[float]], bool]) -> list[float]:
+        """A learning-rate range test (task=lr_find): one training step per rate, on one device
+        (``hardware`` asking for more is refused before a backend starts), and the loss of
+        each step as a host float, read right after it.
+
+        Step i trains on the i-th batch of this backend's own training input pipeline, the
+        batches ``train`` gets (``epoch_order`` with the config's seed: epoch 0's batches,
+        then epoch 1's when the split runs out, ...), with the config's optimizer (its momentum,
+        weight decay, eps, clipping... as configured) whose learning rate is set to
+        ``rates[i]`` just before the step. The loss is the one training optimizes and
+        metrics.csv reports: cross-entropy (label-smoothed where the recipe asks) plus the
+        weighted auxiliary losses (no weight-decay penalty). After each
+        step ``stop(losses so far)`` is asked; True ends the test. ``model`` is trained in
+        place (the caller throws it away); nothing is written. ``cnnzoo.core.lr_range``
+        holds the loop: a backend supplies its batches and its step."""
 
     def evaluate(self, model, split: Split, batch_size: int | None = None) -> dict:
         """Cross-entropy ``loss``, ``acc``, ``per_class_acc`` and ``confusion_matrix`` on

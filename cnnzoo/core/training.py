@@ -3,26 +3,29 @@
 A backend's training loop, whether its framework owns the loop (Lightning's ``Trainer``,
 Keras' ``fit``) or the backend writes it, calls one ``TrainingProtocol``:
 
-    protocol = TrainingProtocol(cfg, run_dir, backend.name, steps_per_epoch)
+    protocol = TrainingProtocol(cfg, run_dir, backend.name, steps_per_epoch, global_batch)
     for epoch in range(first, max_epochs):
         seed = protocol.start_epoch(epoch)     # Python and NumPy seeded; seed the framework
-        ...train, calling protocol.step(1, running) per step...
+        ...train: before step s (0-based, counted from the run's start) set the rate
+           protocol.schedule.rate(s); call protocol.step(1, running) per step...
         protocol.begin_validation(); ...validate...; protocol.end_validation()
-        protocol.end_epoch(epoch, means, images, lr, first_bad, write_state)
+        protocol.end_epoch(epoch, means, images, first_bad, write_state)
         if protocol.stop_reason:                # an epoch-end hook asked to stop (pruning)
             break
     return protocol.report(extra)
 
-``end_epoch`` owns the rest, in this order: the divergence check and its message (nothing is
-written for a diverged epoch, so the last good checkpoint stays the newest), the metrics.csv
-row, TensorBoard's scalars, the progress line, the checkpoint folder
-(``CheckpointDir.save(epoch, write_state)``), and the timing that images/s comes from
-(validation excluded, so the rate is comparable across backends). In the extra processes of
-multi-process training (``is_main=False``) nothing is written, and ``write_state`` still runs
-(into a scratch folder) where the framework's save is collective. Last come the epoch-end
-hooks (``Backend.epoch_end_hooks``, for example a sweep's pruning): each gets the row and may
-return a reason to stop; the backend then ends training after this epoch, as if it were the
-last (``stop_reason``, ``TrainReport.stopped``).
+The schedule (``cnnzoo.core.optim.Schedule``) is the config's recipe scaled to the global batch
+(the images of one optimizer step over all devices); the protocol prints it once at the start
+and reports it for results.json. ``end_epoch`` owns the rest, in this order: the divergence
+check and its message (nothing is written for a diverged epoch, so the last good checkpoint
+stays the newest), the metrics.csv row, TensorBoard's scalars, the progress line, the
+checkpoint folder (``CheckpointDir.save(epoch, write_state)``), and the timing that images/s
+comes from (validation excluded, so the rate is comparable across backends). In the extra
+processes of multi-process training (``is_main=False``) nothing is written, and
+``write_state`` still runs (into a scratch folder) where the framework's save is collective.
+Last come the epoch-end hooks (``Backend.epoch_end_hooks``, for example a sweep's pruning):
+each gets the row and may return a reason to stop; the backend then ends training after this
+epoch, as if it were the last (``stop_reason``, ``TrainReport.stopped``).
 """
 from __future__ import annotations
 
@@ -48,13 +51,7 @@ class TrainReport:
     checkpoint: Path | None        # the last checkpoint written
     extra: dict = field(default_factory=dict)  # backend facts for results.json's hardware
     stopped: str | None = None     # why an epoch-end hook ended training early, if one did
-
-    @classmethod
-    def nothing_trained(cls, checkpoint: Path | None, extra: dict | None = None) -> TrainReport:
-        """A resume whose checkpoint is already at max_epochs, or a process that trained no
-        epoch itself (the parent of ddp_spawn's processes)."""
-        return cls(history=[], train_time_s=0.0, images_per_s=0.0, checkpoint=checkpoint,
-                   extra=extra or {})
+    optim: dict | None = None      # the effective recipe (Optimizer.effective)
 
 
 @dataclass(frozen=True)
@@ -69,14 +66,19 @@ EpochEndHook = Callable[[dict], "str | None"]  # the epoch's row -> a reason to 
 
 
 class TrainingProtocol:
-    def __init__(self, cfg, run_dir: Path, backend_name: str, steps_per_epoch: int | None = None,
-                 is_main: bool = True, checkpoint_file: str | None = None,
-                 hooks: Sequence[EpochEndHook] = ()):
-        """``steps_per_epoch`` may wait until the first ``start_epoch`` (Lightning knows it
-        only then). ``checkpoint_file``: the file in each epoch folder that ``report`` names.
-        ``hooks``: the backend's ``epoch_end_hooks``."""
+    def __init__(self, cfg, run_dir: Path, backend_name: str, steps_per_epoch: int,
+                 global_batch: int | None = None, is_main: bool = True,
+                 checkpoint_file: str | None = None, hooks: Sequence[EpochEndHook] = ()):
+        """``global_batch``: the images of one optimizer step over all devices (default
+        ``data.batch_size``). ``checkpoint_file``: the file in each epoch folder that ``report``
+        names. ``hooks``: the backend's ``epoch_end_hooks``."""
         self.seed, self.max_epochs = cfg.seed, cfg.trainer.max_epochs
         self.optim = Optimizer.from_config(cfg.optim)
+        global_batch = global_batch or cfg.data.batch_size
+        self.schedule = self.optim.schedule(global_batch, steps_per_epoch, self.max_epochs)
+        self.effective_optim = self.optim.effective(global_batch, self.schedule)
+        if is_main:
+            print(self.effective_optim["recipe"], flush=True)
         self.backend_name, self.is_main, self.checkpoint_file = backend_name, is_main, \
             checkpoint_file
         self.steps = steps_per_epoch
@@ -100,17 +102,11 @@ class TrainingProtocol:
         return is_live(self.show_progress and self.is_main)
 
     # ---------------------------------------------------------------- epoch start
-    def learning_rate(self, epoch: int) -> float:
-        """The rate of 0-based ``epoch`` (``Optimizer.learning_rate``)."""
-        return self.optim.learning_rate(epoch, self.max_epochs)
-
-    def start_epoch(self, epoch: int, steps_per_epoch: int | None = None) -> int:
+    def start_epoch(self, epoch: int) -> int:
         """Begin 0-based ``epoch``: seeds Python and NumPy from (seed, epoch), starts its clock
         and progress bar; returns the seed for the framework's own generators."""
-        if steps_per_epoch is not None:
-            self.steps = steps_per_epoch
         if self.progress is None:
-            self.progress = EpochProgress(self.max_epochs, self.steps or 0,
+            self.progress = EpochProgress(self.max_epochs, self.steps,
                                           self.show_progress and self.is_main)
         self.progress.start_epoch(epoch + 1)
         self._t0, self._val_time = time.perf_counter(), 0.0
@@ -130,7 +126,7 @@ class TrainingProtocol:
             self._v0 = None
 
     # ---------------------------------------------------------------- epoch end
-    def end_epoch(self, epoch: int, means: dict, images: int, lr: float,
+    def end_epoch(self, epoch: int, means: dict, images: int,
                   first_bad: FirstBadStep | None = None,
                   write_state: Callable[[Path], None] | None = None) -> dict:
         """Finish 0-based ``epoch``: ``means`` holds train_loss, train_acc and (after a
@@ -138,7 +134,8 @@ class TrainingProtocol:
         of this epoch (every process's); ``write_state(folder)`` writes the training state.
         Raises TrainingDiverged before anything is written; returns the row."""
         elapsed = time.perf_counter() - self._t0
-        row = {"epoch": epoch + 1, **means, "lr": lr, "epoch_time_s": elapsed}
+        row = {"epoch": epoch + 1, **means, "lr": self.schedule.epoch_rate(epoch),
+               "epoch_time_s": elapsed}
         self._check_divergence(epoch, row, first_bad)
         self.train_time += elapsed - self._val_time
         self.images += images
@@ -163,7 +160,7 @@ class TrainingProtocol:
 
     def _check_divergence(self, epoch: int, row: dict, bad: FirstBadStep | None) -> None:
         if bad is not None:
-            step = epoch * (self.steps or 0) + bad.batch
+            step = epoch * self.steps + bad.batch
             raise TrainingDiverged(
                 f"training diverged: train_loss is {bad.loss} at step {step} (epoch {epoch + 1}, "
                 f"batch {bad.batch} of {self.steps}); lower optim.lr")
@@ -180,7 +177,7 @@ class TrainingProtocol:
         return TrainReport(history=self.rows, train_time_s=seconds,
                            images_per_s=self.images / seconds,
                            checkpoint=self.saved or checkpoint, extra=extra or {},
-                           stopped=self.stop_reason)
+                           stopped=self.stop_reason, optim=self.effective_optim)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -30,8 +30,8 @@ from cnnzoo.core.errors import ConfigError
 from cnnzoo.core.optim import Optimizer
 from cnnzoo.core.training import TrainReport
 
+from . import lr_find, state
 from . import onnx as keras_onnx
-from . import state
 from . import weights as canonical
 from .data import input_pipeline, to_nhwc, tune_malloc
 from .model import build_model, inference_model, keras, tf  # TensorFlow, imported quietly
@@ -159,6 +159,15 @@ class KerasBackend(Backend):
                        extra=extra, hooks=self.epoch_end_hooks)
         finally:
             self._inference.pop(id(model), None)  # the weights changed
+
+    def lr_range_test(self, model, train, rates, stop) -> list[float]:
+        spec, _ = self._built[id(model)]
+        self._inference.pop(id(model), None)  # the weights change from here on
+        try:
+            return lr_find.lr_range_test(model, spec, train, rates, stop, cfg=self.cfg,
+                                         strategy=self.strategy, policy=self.policy)
+        finally:
+            self._inference.pop(id(model), None)
 
     # ---------------------------------------------------------------- inference
     def _inference_of(self, model) -> _Inference:

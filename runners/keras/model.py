@@ -78,7 +78,7 @@ tf, keras = _import_tensorflow()
 
 from keras import layers, ops  # noqa: E402  (after the quiet import)
 
-_PACKAGE = "cnnzoo"
+PACKAGE = "cnnzoo"
 
 
 # --------------------------------------------------------------------------- PyTorch geometry
@@ -119,7 +119,7 @@ def adaptive_bins(size: int, out: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- custom layers
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class SpecPool2D(layers.Layer):
     """Max or average pooling with PyTorch's semantics (see the module docstring).
 
@@ -181,7 +181,7 @@ class SpecPool2D(layers.Layer):
                 "count_include_pad": self.count_include_pad}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class GroupedConv2D(layers.Conv2D):
     """``Conv2D(groups > 1)`` running TensorFlow's native grouped convolution.
 
@@ -195,7 +195,7 @@ class GroupedConv2D(layers.Conv2D):
                                  padding=self.padding.upper(), dilations=list(self.dilation_rate))
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class AdaptiveAvgPool2D(layers.Layer):
     """PyTorch's ``AdaptiveAvgPool2d``: identity when sizes match, a plain pool when the input
     is a multiple of the output, else two constant averaging matrices (exact for any sizes)."""
@@ -228,7 +228,7 @@ class AdaptiveAvgPool2D(layers.Layer):
         return {**super().get_config(), "output_size": self.output_size}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class FlattenCHW(layers.Layer):
     """(N, H, W, C) -> (N, C*H*W) in channels-first order, the spec's flatten convention."""
 
@@ -242,7 +242,7 @@ class FlattenCHW(layers.Layer):
         return (input_shape[0], math.prod(input_shape[1:]))
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class Scale(layers.Layer):
     """Multiply by a constant (Inception-ResNet's residual scaling)."""
 
@@ -260,7 +260,7 @@ class Scale(layers.Layer):
         return {**super().get_config(), "factor": self.factor}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class SpecModel(keras.Model):
     """The functional model of a spec. ``loss_hook``, when set, is called with each training
     step's loss tensor inside the compiled step (so it may only record it in variables, never
@@ -284,15 +284,22 @@ def _regularizers(l2: float, *names: str) -> dict:
     return {f"{n}_regularizer": keras.regularizers.L2(l2 / 2) for n in names}
 
 
-def _torch_init(fan_in: int, *names: str) -> dict:
-    """PyTorch's default initialization of conv and linear layers, U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)) for weights and biases alike (kaiming_uniform with a=sqrt(5)), so every
-    backend starts from the same distribution; Keras' default would be Glorot and zero biases."""
+def _initializers(init: str, kind: str, fan_in: int, weight: str) -> dict:
+    """The initializers of a conv (``kind`` "conv") or dense layer's ``weight`` and bias, as
+    the spec's ``init`` says (architectures.spec.INITS), so every backend starts from the same
+    distribution. "default" is PyTorch's, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and
+    biases alike (kaiming_uniform with a=sqrt(5)); Keras' default would be Glorot and zero
+    biases. Keras' fan_out of a conv kernel (kh, kw, in, out) is torch's, out * kh * kw."""
+    if init == "kaiming_fan_out":
+        first = (keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+                 if kind == "conv" else keras.initializers.RandomNormal(0.0, 0.01))
+        return {f"{weight}_initializer": first, "bias_initializer": "zeros"}
     bound = 1.0 / math.sqrt(fan_in)
-    return {f"{n}_initializer": keras.initializers.RandomUniform(-bound, bound) for n in names}
+    return {f"{n}_initializer": keras.initializers.RandomUniform(-bound, bound)
+            for n in (weight, "bias")}
 
 
-def _conv(layer: S.Conv2d, in_channels: int, name: str, dtype, weight_decay: float):
+def _conv(layer: S.Conv2d, in_channels: int, name: str, dtype, weight_decay: float, init: str):
     """The convolution, and the explicit symmetric padding layer before it (or None)."""
     kernel, stride = S.pair(layer.kernel), S.pair(layer.stride)
     padding, dilation = S.pair(layer.padding), S.pair(layer.dilation)
@@ -306,21 +313,22 @@ def _conv(layer: S.Conv2d, in_channels: int, name: str, dtype, weight_decay: flo
     fan_in = in_channels // layer.groups * kernel[0] * kernel[1]
     if layer.groups > 1 and layer.groups == in_channels == layer.out_channels:
         conv = layers.DepthwiseConv2D(depth_multiplier=1, **common,
-                                      **_torch_init(fan_in, "depthwise", "bias"),
+                                      **_initializers(init, "conv", fan_in, "depthwise"),
                                       **_regularizers(weight_decay, "depthwise", "bias"))
     else:
         cls = GroupedConv2D if layer.groups > 1 else layers.Conv2D
         conv = cls(layer.out_channels, groups=layer.groups, **common,
-                   **_torch_init(fan_in, "kernel", "bias"),
+                   **_initializers(init, "conv", fan_in, "kernel"),
                    **_regularizers(weight_decay, "kernel", "bias"))
     return pad, conv
 
 
 def keras_layer(layer: S.Layer, in_shape: S.Shape, name: str, dtype=None,
-                weight_decay: float = 0.0):
-    """The Keras layer for one spec node: a layer, or a (padding, conv) pair for Conv2d."""
+                weight_decay: float = 0.0, init: str = "default"):
+    """The Keras layer for one spec node: a layer, or a (padding, conv) pair for Conv2d;
+    ``init``: the spec's (architectures.spec.INITS)."""
     if isinstance(layer, S.Conv2d):
-        return _conv(layer, in_shape[0], name, dtype, weight_decay)
+        return _conv(layer, in_shape[0], name, dtype, weight_decay, init)
     if isinstance(layer, S.BatchNorm):
         return layers.BatchNormalization(axis=-1, epsilon=layer.eps, momentum=1.0 - layer.momentum,
                                          name=name, dtype=dtype,
@@ -344,7 +352,7 @@ def keras_layer(layer: S.Layer, in_shape: S.Shape, name: str, dtype=None,
         return FlattenCHW(name=name, dtype=dtype)
     if isinstance(layer, S.Dense):
         return layers.Dense(layer.out_features, use_bias=layer.bias, name=name, dtype=dtype,
-                            **_torch_init(in_shape[0], "kernel", "bias"),
+                            **_initializers(init, "dense", in_shape[0], "kernel"),
                             **_regularizers(weight_decay, "kernel", "bias"))
     if isinstance(layer, S.Dropout):
         return layers.Dropout(layer.p, name=name, dtype=dtype)
@@ -371,7 +379,7 @@ def build_model(spec: S.Spec, input_size: int, dtype_policy: str | None = None,
     for row in analysis.layers:
         node = row.node
         dtype = "float32" if node.name in outputs else dtype_policy
-        built = keras_layer(node.layer, row.in_shape, node.name, dtype, weight_decay)
+        built = keras_layer(node.layer, row.in_shape, node.name, dtype, weight_decay, spec.init)
         args = [values[i] for i in node.inputs]
         x = args if isinstance(node.layer, (S.Concat, S.Add)) else args[0]
         if isinstance(built, tuple):

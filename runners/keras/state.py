@@ -32,9 +32,10 @@ _ARCHIVE = ("config.json", "metadata.json", "model.weights.h5")  # what model.sa
 _CODE_CLASSES = {"Lambda": "Python code", "__lambda__": "Python code",
                  "TorchModuleWrapper": "Python code", "JaxLayer": "Python code",
                  "FlaxLayer": "Python code", "TFSMLayer": "a SavedModel loaded from another path"}
-# the module of the registered cnnzoo layers, and its name before runners/keras/ was a package
-# (checkpoints written then name it; the classes are found by their registered names)
-_OWN_MODULES = (SpecModel.__module__, "runners.keras_model")
+# the modules of the registered cnnzoo classes (layers; the training's rate schedule and
+# smoothed loss, in a compiled model's config), and the layers' module before runners/keras/
+# was a package (checkpoints written then name it; classes are found by their registered names)
+_OWN_MODULES = (SpecModel.__module__, f"{__package__}.train", "runners.keras_model")
 
 
 def write_state(model, folder: Path, final: bool = False) -> None:

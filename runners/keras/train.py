@@ -8,7 +8,10 @@ a Keras callback.
   only). Remaining differences: Keras' RMSProp adds ``eps`` inside the square root
   (TensorFlow's and the Inception papers' RMSProp; torch adds it outside), Adam adds it after
   bias-correcting the rate instead of the moment, and SGD's momentum holds ``lr * gradient``
-  (identical steps while the rate is constant). The learning rate is set at each epoch's start.
+  (identical steps while the rate is constant). The learning rate is the run's ``Schedule``
+  as a table the compiled step reads at the optimizer's iteration count (``StepRates``), and
+  ``clip_grad_norm`` is Keras' ``global_clipnorm``, applied to the gradient with the L2 term
+  (torch clips before adding the weight decay).
 - Exact resume: every generator the training draws from (Python, NumPy, each Dropout's
   ``SeedGenerator``) is re-seeded at each epoch's start, the ``tf.data`` pipeline starts at the
   checkpoint's epoch, and the optimizer state comes from the checkpoint (``state.restore``).
@@ -25,26 +28,81 @@ import math
 import numpy as np
 
 from cnnzoo.core.errors import ConfigError
-from cnnzoo.core.optim import Optimizer, num_batches
+from cnnzoo.core.optim import Optimizer, Schedule, num_batches
 from cnnzoo.core.training import FirstBadStep, TrainingProtocol, TrainReport
 
 from . import state
 from .data import input_pipeline
-from .model import keras, tf
+from .model import PACKAGE, keras, tf
 
 
-def make_optimizer(o: Optimizer, policy: str | None):
+def make_optimizer(o: Optimizer, policy: str | None, learning_rate=None):
+    """``o`` as its Keras class, at ``learning_rate`` (a ``StepRates``; default ``o.lr``)."""
+    lr = o.lr if learning_rate is None else learning_rate
+    clip = {"global_clipnorm": o.clip_grad_norm}
     if o.name == "sgd":
-        opt = keras.optimizers.SGD(o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        opt = keras.optimizers.SGD(lr, momentum=o.momentum, nesterov=o.nesterov, **clip)
     elif o.name == "adam":  # torch's eps (Keras' default is 1e-7)
-        opt = keras.optimizers.Adam(o.lr, epsilon=o.eps)
+        opt = keras.optimizers.Adam(lr, epsilon=o.eps, **clip)
     elif o.name == "rmsprop":  # torch's alpha is Keras' rho
-        opt = keras.optimizers.RMSprop(o.lr, rho=o.alpha, epsilon=o.eps, momentum=o.momentum)
+        opt = keras.optimizers.RMSprop(lr, rho=o.alpha, epsilon=o.eps, momentum=o.momentum,
+                                       **clip)
     else:  # adamw: Keras' decoupled decay is torch's AdamW: w -= lr * weight_decay * w
-        opt = keras.optimizers.AdamW(o.lr, weight_decay=o.weight_decay, epsilon=o.eps)
+        opt = keras.optimizers.AdamW(lr, weight_decay=o.weight_decay, epsilon=o.eps, **clip)
     if policy == "mixed_float16":  # float16 gradients need loss scaling
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class StepRates(keras.optimizers.schedules.LearningRateSchedule):
+    """A ``Schedule``'s rates as a float32 table indexed by the optimizer's iteration count
+    inside the compiled step: the rates torch and MXNet set before each step, with no Python
+    call per step; a resumed run's restored count continues the sequence. Its config is the
+    ``Schedule``'s fields (the table is rebuilt from them)."""
+
+    def __init__(self, **schedule):
+        self.schedule = Schedule(**schedule)
+        self.table = tf.constant(self.schedule.rates(), tf.float32)
+
+    def __call__(self, step):
+        last = self.schedule.total_steps - 1
+        return tf.gather(self.table, tf.minimum(tf.cast(step, tf.int32), last))
+
+    def get_config(self):
+        return dict(vars(self.schedule))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def smoothed_cross_entropy(y_true, y_pred, label_smoothing: float):
+    """Per-image sparse softmax cross-entropy of logits with label smoothing, torch's formula
+    ``(1 - s) * -log p[y] + s * mean_k(-log p[k])`` (Keras' sparse loss has no smoothing)."""
+    logp = tf.nn.log_softmax(tf.cast(y_pred, tf.float32))
+    labels = tf.reshape(tf.cast(y_true, tf.int32), [-1, 1])
+    nll = -tf.squeeze(tf.gather(logp, labels, batch_dims=1), -1)
+    return (1 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(logp, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SmoothedCrossEntropy(keras.losses.Loss):
+    """``smoothed_cross_entropy`` as a loss, its mean over the batch."""
+
+    def __init__(self, label_smoothing: float, **kwargs):
+        super().__init__(**kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        return smoothed_cross_entropy(y_true, y_pred, self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def output_loss(label_smoothing: float):
+    """The loss of one output."""
+    if label_smoothing:
+        return SmoothedCrossEntropy(label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def coupled_weight_decay(o: Optimizer) -> float:
@@ -102,6 +160,64 @@ def seed_generators(seed: int, generators: list) -> None:
         variable.assign(np.array([first, 0], dtype=variable.dtype))
 
 
+# --------------------------------------------------------------------------- the compiled model
+def metric_keys(outputs: list[str], smoothed: bool = False) -> tuple[str, list[str], list[str]]:
+    """The logs' keys of the accuracy, of each output's cross-entropy and of each output's
+    training loss (``compile_for_training``'s metrics: "sce", the label-smoothed one, when
+    ``smoothed``): Keras prefixes them with the output's name when there are several."""
+    prefix = (lambda o: f"{o}_") if len(outputs) > 1 else (lambda o: "")
+    ce_keys = [f"{prefix(o)}ce" for o in outputs]
+    return (f"{prefix(outputs[0])}acc", ce_keys,
+            [f"{prefix(o)}sce" for o in outputs] if smoothed else ce_keys)
+
+
+def training_loss(logs: dict, ce_keys: list[str], aux_weight: float) -> float:
+    """torch's training loss from Keras' logs: the logits' cross-entropy plus the weighted
+    auxiliary ones (Keras' own ``loss`` also holds the L2 penalty of the weight decay)."""
+    main, *aux = (logs[k] for k in ce_keys)
+    return float(main + aux_weight * sum(aux))
+
+
+def labels_per_output(ds, outputs: list[str]):
+    """A dataset of (images, labels) for a model with ``outputs``: every head is trained on
+    the same labels."""
+    if len(outputs) == 1:
+        return ds
+    return ds.map(lambda x, y: (x, (y,) * len(outputs)))
+
+
+def compile_for_training(model, spec, cfg, strategy, policy, steps_per_call: int,
+                         learning_rate=None) -> None:
+    """Compile ``model`` as training steps it: the configured optimizer (at ``learning_rate``, a
+    ``StepRates``; default ``optim.lr``), a loss per output (label-smoothed if asked; auxiliary
+    heads weighted by ``spec.aux_weight``), the accuracy and each output's plain cross-entropy
+    (validation's loss) and smoothed one as metrics (``metric_keys``), ``steps_per_call``
+    batches per compiled call; its optimizer's variables made now."""
+    outputs, optim = list(model.output_names), Optimizer.from_config(cfg.optim)
+    smoothing = optim.label_smoothing
+
+    def ce():
+        ces = [keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")]
+        if smoothing:
+            ces.append(keras.metrics.MeanMetricWrapper(
+                smoothed_cross_entropy, name="sce", label_smoothing=smoothing))
+        return ces
+
+    with strategy.scope():
+        model.compile(
+            optimizer=make_optimizer(optim, policy, learning_rate),
+            loss=[output_loss(smoothing) for _ in outputs],
+            loss_weights=[1.0] + [spec.aux_weight] * (len(outputs) - 1),
+            metrics=[[keras.metrics.SparseCategoricalAccuracy(name="acc"), *ce()]]
+            + [ce() for _ in outputs[1:]],
+            jit_compile=cfg.backend.get("jit_compile", "auto"),
+            steps_per_execution=steps_per_call)
+        # the optimizer's variables (zeros) now, not in the first trace of the train step:
+        # Keras builds them lazily there without a tf.distribute strategy, and a tf.function
+        # that creates variables is traced twice (Inception-ResNet-v2 at 75 px: ~20 s)
+        state.build_optimizer(model)
+
+
 # --------------------------------------------------------------------------- the callback
 class EpochCallback(keras.callbacks.Callback):
     """``TrainingProtocol`` inside ``model.fit``: at each epoch's start the seeds and the
@@ -109,20 +225,17 @@ class EpochCallback(keras.callbacks.Callback):
     and the checkpoint writer handed to ``end_epoch``."""
 
     def __init__(self, protocol: TrainingProtocol, steps: int, images_per_epoch: int,
-                 outputs: list[str], aux_weight: float, watch: LossWatch, generators: list):
+                 outputs: list[str], aux_weight: float, watch: LossWatch, generators: list,
+                 smoothed: bool):
         super().__init__()
         self.protocol, self.steps, self.images_per_epoch = protocol, steps, images_per_epoch
         self.watch, self.generators = watch, generators
-        # Keras prefixes metrics with the output's name when a model has several outputs
-        prefix = (lambda o: f"{o}_") if len(outputs) > 1 else (lambda o: "")
-        self.acc_key = f"{prefix(outputs[0])}acc"
-        self.ce_keys = [f"{prefix(o)}ce" for o in outputs]
+        # the training loss is the one optimized: label-smoothed where smoothing is on
+        self.acc_key, self.ce_keys, self.train_keys = metric_keys(outputs, smoothed)
         self.aux_weight = aux_weight
 
     def on_epoch_begin(self, epoch, logs=None):
         seed_generators(self.protocol.start_epoch(epoch), self.generators)
-        self.lr = self.protocol.learning_rate(epoch)
-        self.model.optimizer.learning_rate = self.lr
         self._steps_shown = 0
 
     def on_test_begin(self, logs=None):
@@ -132,10 +245,7 @@ class EpochCallback(keras.callbacks.Callback):
         self.protocol.end_validation()
 
     def _loss(self, logs: dict) -> float:
-        """torch's training loss: the logits' cross-entropy plus the weighted auxiliary ones
-        (Keras' own ``loss`` also holds the L2 penalty of the weight decay)."""
-        main, *aux = (logs[k] for k in self.ce_keys)
-        return float(main + self.aux_weight * sum(aux))
+        return training_loss(logs, self.train_keys, self.aux_weight)
 
     def on_epoch_end(self, epoch, logs=None):
         means = {"train_loss": self._loss(logs), "train_acc": float(logs[self.acc_key])}
@@ -148,7 +258,7 @@ class EpochCallback(keras.callbacks.Callback):
             bad = FirstBadStep(step - epoch * self.steps, loss if not math.isfinite(loss)
                                else math.inf)
         last = epoch + 1 == self.protocol.max_epochs  # its folder gets the .keras archive too
-        self.protocol.end_epoch(epoch, means, self.images_per_epoch, self.lr, bad,
+        self.protocol.end_epoch(epoch, means, self.images_per_epoch, bad,
                                 lambda folder: state.write_state(self.model, folder, last))
         if self.protocol.stop_reason:
             self.model.stop_training = True  # Keras' own way to end fit after this epoch
@@ -161,7 +271,7 @@ class LiveEpochCallback(EpochCallback):
     def on_train_batch_end(self, batch, logs=None):
         # ``batch`` is the last step of the compiled call (steps_per_execution may be > 1)
         done, self._steps_shown = batch + 1 - self._steps_shown, batch + 1
-        loss = self._loss(logs) if all(k in logs for k in self.ce_keys) else logs.get("loss")
+        loss = self._loss(logs) if all(k in logs for k in self.train_keys) else logs.get("loss")
         self.protocol.step(done, lambda: {"loss": loss, "acc": logs.get(self.acc_key)})
 
 
@@ -195,39 +305,25 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
     start = 0 if resume is None else resume.epoch
     steps = num_batches(cfg.trainer.limit_train_batches, math.ceil(len(train) / bs))
     val_steps = num_batches(cfg.trainer.limit_val_batches, math.ceil(len(val) / bs))
-    train_ds = input_pipeline(train, bs, cfg.seed, True, max_epochs, steps, start)
-    val_ds = input_pipeline(val, bs, cfg.seed, False, 1, val_steps)
-    if len(outputs) > 1:  # every head is trained on the same labels
-        copies = lambda x, y: (x, (y,) * len(outputs))  # noqa: E731
-        train_ds, val_ds = train_ds.map(copies), val_ds.map(copies)
-
-    def ce():
-        return keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")
-
-    with strategy.scope():
-        model.compile(
-            optimizer=make_optimizer(Optimizer.from_config(cfg.optim), policy),
-            loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * len(outputs),
-            loss_weights=[1.0] + [spec.aux_weight] * (len(outputs) - 1),
-            metrics=[[keras.metrics.SparseCategoricalAccuracy(name="acc"), ce()]]
-            + [[ce()] for _ in outputs[1:]],
-            jit_compile=cfg.backend.get("jit_compile", "auto"),
-            steps_per_execution=divisor_at_most(steps_per_execution(cfg, devices), steps))
-        # the optimizer's variables (zeros) now, not in the first trace of the train step:
-        # Keras builds them lazily there without a tf.distribute strategy, and a tf.function
-        # that creates variables is traced twice (Inception-ResNet-v2 at 75 px: ~20 s)
-        state.build_optimizer(model)
+    train_ds = labels_per_output(
+        input_pipeline(train, bs, cfg.seed, True, max_epochs, steps, start), outputs)
+    val_ds = labels_per_output(input_pipeline(val, bs, cfg.seed, False, 1, val_steps), outputs)
+    # the protocol (and its schedule) before compiling: the optimizer reads the schedule
+    protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT,
+                                hooks=hooks)
+    compile_for_training(model, spec, cfg, strategy, policy,
+                         divisor_at_most(steps_per_execution(cfg, devices), steps),
+                         StepRates(**vars(protocol.schedule)))
     resumed = state.training_file(resume.path) if resume is not None else None
     if resumed is not None:
         state.restore(model, resumed, strategy)
         if start >= max_epochs:  # nothing left to train
-            return TrainReport.nothing_trained(resumed, extra)
-    protocol = TrainingProtocol(cfg, run_dir, "keras", steps, checkpoint_file=state.CHECKPOINT,
-                                hooks=hooks)
+            protocol.close()
+            return protocol.report(extra, checkpoint=resumed)
     watch = LossWatch(strategy, model.optimizer.iterations)
     callback = (LiveEpochCallback if protocol.live else EpochCallback)(
         protocol, steps, min(steps * bs, len(train)), outputs, spec.aux_weight, watch,
-        seed_state_variables(model))
+        seed_state_variables(model), Optimizer.from_config(cfg.optim).label_smoothing > 0)
     model.loss_hook = watch.update
     try:
         model.fit(train_ds, initial_epoch=start, epochs=max_epochs, steps_per_epoch=steps,

@@ -28,7 +28,7 @@ import numpy as np
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.errors import ConfigError
 
-from . import INFO, onnx, state
+from . import INFO, lr_find, onnx, state
 from . import train as training
 from . import weights as native_weights
 from .compat import import_mxnet, patch_mxnet
@@ -71,15 +71,13 @@ class MXNetBackend(Backend):
 
     # ---------------------------------------------------------------- the model
     def build(self, spec, input_size):
-        from .model import SpecNet
+        from .model import SpecNet, initialize
 
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
         self.mx.random.seed(self.cfg.seed)
         net = SpecNet(spec, input_size)
-        # torch's default for conv/dense weights, U(+-1/sqrt(fan_in)); zero biases
-        net.initialize(self.mx.init.Xavier(rnd_type="uniform", factor_type="in", magnitude=1),
-                       ctx=self.mx.cpu())
+        initialize(self.mx, net, spec.init)
         b = self.cfg.backend
         if b.get("hybridize", True):
             # static_shape with several contexts in parallel corrupts batch-norm statistics now
@@ -99,6 +97,9 @@ class MXNetBackend(Backend):
     # ---------------------------------------------------------------- training
     def train(self, model, train, val, resume=None):
         return training.fit(self, model, train, val, resume)
+
+    def lr_range_test(self, model, train, rates, stop) -> list[float]:
+        return lr_find.lr_range_test(self, model, train, rates, stop)
 
     # ---------------------------------------------------------------- inference
     def predict(self, model, images: np.ndarray) -> np.ndarray:

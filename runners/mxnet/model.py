@@ -242,3 +242,20 @@ class SpecNet(SpecGraph):
         """Logits in inference mode (running BN statistics, no dropout)."""
         with autograd.predict_mode():
             return self.inference_graph(x)
+
+
+def initialize(mx, net: SpecNet, init: str) -> None:
+    """The initial weights the spec's ``init`` names (architectures.spec.INITS), on the CPU:
+    "default" is torch's U(+-1/sqrt(fan_in)) for conv and dense weights, with zero biases;
+    "kaiming_fan_out" redraws conv weights N(0, 2/fan_out) (Xavier with magnitude 2 over the
+    fan-out) and dense weights N(0, 0.01^2)."""
+    net.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="in", magnitude=1),
+                   ctx=mx.cpu())
+    if init != "kaiming_fan_out":
+        return
+    redraw = {S.Conv2d: mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2),
+              S.Dense: mx.init.Normal(0.01)}
+    for node in net.spec.nodes:
+        if type(node.layer) in redraw:
+            net.layer(node.name).weight.initialize(redraw[type(node.layer)], ctx=mx.cpu(),
+                                                   force_reinit=True)

@@ -8,9 +8,12 @@
   weights directly and RMSProp follows ``torch.optim.RMSprop`` (decay ``alpha``, ``eps`` outside
   the square root, momentum), both implemented below. Two details of MXNet's fused updates
   remain: the SGD momentum buffer holds ``lr * gradient`` (same steps as torch while the rate is
-  constant; the cosine schedule changes it once per epoch), and Adam adds ``eps`` to the square
-  root of the second moment before its bias correction, torch after it (the two differ only
-  while ``sqrt(v)`` ~ ``eps``).
+  constant; a rate that changes per step makes them drift slightly), and Adam adds ``eps`` to
+  the square root of the second moment before its bias correction, torch after it (the two
+  differ only while ``sqrt(v)`` ~ ``eps``).
+- The rate of each step is the run's ``Schedule`` (``trainer.set_learning_rate`` before the
+  step); ``clip_grad_norm`` clips each context's summed gradient (after the kvstore's
+  reduction) before the update adds the weight decay, as torch does.
 - Exact resume: MXNet cannot save its generators' state, so they are reseeded at every epoch
   start (``mx.random.seed(s, ctx="all")``); a divergence is found from device-side counts of
   the steps whose running loss sum is finite, read with the epoch's loss.
@@ -100,6 +103,18 @@ def make_optimizer(opt: Optimizer):
                             epsilon=opt.eps), None
 
 
+def make_trainer(model, optim_cfg, kvstore: str | None = None):
+    """The ``gluon.Trainer`` of ``model``'s parameters with the configured optimizer
+    (``kvstore``: how several contexts sum their gradients)."""
+    from mxnet import gluon
+
+    optim = Optimizer.from_config(optim_cfg)
+    # clipping needs the reduced gradient before the update: updates out of the kvstore
+    return gluon.Trainer(model.collect_params(), *make_optimizer(optim),
+                         kvstore=kvstore or "device",
+                         update_on_kvstore=False if optim.clip_grad_norm else None)
+
+
 # --------------------------------------------------------------------------- one step
 @functools.cache
 def _cross_entropy():
@@ -108,13 +123,24 @@ def _cross_entropy():
     return gluon.loss.SoftmaxCrossEntropyLoss()
 
 
-def training_loss(outputs, labels, aux_weight: float):
-    """Per-image softmax cross-entropy of the training graph's outputs, and the main logits.
-    With auxiliary classifiers (``(logits, *aux)``) their losses join, weighted as in the
-    papers: ``main + aux_weight * sum(aux)``."""
+def smoothed_cross_entropy(logits, labels, label_smoothing: float):
+    """Per-image softmax cross-entropy with label smoothing, torch's formula
+    ``(1 - s) * -log p[y] + s * mean_k(-log p[k])``."""
     from mxnet import nd
 
-    ce = _cross_entropy()
+    logp = nd.log_softmax(logits, axis=1)
+    return -(1 - label_smoothing) * nd.pick(logp, labels, axis=1) \
+        - label_smoothing * nd.mean(logp, axis=1)
+
+
+def training_loss(outputs, labels, aux_weight: float, label_smoothing: float = 0.0):
+    """Per-image softmax cross-entropy of the training graph's outputs (label-smoothed if
+    asked), and the main logits. With auxiliary classifiers (``(logits, *aux)``) their losses
+    join, weighted as in the papers: ``main + aux_weight * sum(aux)``."""
+    from mxnet import nd
+
+    ce = _cross_entropy() if not label_smoothing else functools.partial(
+        smoothed_cross_entropy, label_smoothing=label_smoothing)
     logits, *aux = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
     loss = ce(logits, labels)
     if aux:
@@ -146,8 +172,6 @@ def step_sums(hybridize: bool = True):
 # --------------------------------------------------------------------------- the loop
 def fit(backend, model, train, val, resume=None) -> TrainReport:
     """``Backend.train`` of the MXNet backend (``backend``: its ``MXNetBackend``)."""
-    from mxnet import gluon
-
     c, mx, ctxs = backend.cfg, backend.mx, backend.contexts
     hybridize = bool(c.backend.get("hybridize", True))
     kvstore = c.backend.get("kvstore", "device") if len(ctxs) > 1 else None
@@ -158,8 +182,8 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
     if resume is not None:
         backend.load_checkpoint(model, resume.file(state.WEIGHTS_FILE))
     model.collect_params().reset_ctx(ctxs)
-    trainer = gluon.Trainer(model.collect_params(), *make_optimizer(
-        Optimizer.from_config(c.optim)), kvstore=kvstore or "device")
+    optim = Optimizer.from_config(c.optim)
+    trainer = make_trainer(model, c.optim, kvstore)
     if resume is not None:
         state.restore_trainer_state(mx, trainer, resume.path)
     train_batches = backend.input_pipeline(train, True, num_batches(
@@ -169,22 +193,21 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
 
     protocol = TrainingProtocol(c, backend.run_dir, backend.name, len(train_batches),
                                 checkpoint_file=state.WEIGHTS_FILE, hooks=backend.epoch_end_hooks)
-    sums_block = step_sums(hybridize)
+    sums_block, steps = step_sums(hybridize), len(train_batches)
     try:
         for epoch in range(resume.epoch if resume is not None else 0, c.trainer.max_epochs):
             mx.random.seed(protocol.start_epoch(epoch), ctx="all")
-            lr = protocol.learning_rate(epoch)
-            trainer.set_learning_rate(lr)
             train_batches.set_epoch(epoch)
+            rates = protocol.schedule.rates(epoch * steps, (epoch + 1) * steps)
             loss, acc, seen, bad = train_epoch(model, trainer, train_batches, ctxs, protocol,
-                                               sums_block)
+                                               sums_block, rates, optim)
             sync_running_stats(mx, model, ctxs)
             protocol.begin_validation()
             val_loss, val_acc = evaluate_batches(mx, model, val_batches, ctxs)
             protocol.end_validation()
             # a diverged epoch raises here, before anything is written
             protocol.end_epoch(epoch, {"train_loss": loss, "train_acc": acc, "val_loss": val_loss,
-                                       "val_acc": val_acc}, seen, lr,
+                                       "val_acc": val_acc}, seen,
                                None if bad is None else FirstBadStep(bad, loss),
                                functools.partial(state.write_state, mx, model, trainer))
             if protocol.stop_reason:
@@ -198,34 +221,25 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
         checkpoint=resume.file(state.WEIGHTS_FILE) if resume is not None else None)
 
 
-def train_epoch(model, trainer, batches, ctxs, protocol, sums_block):
-    """One epoch; loss and accuracy are summed on the devices (``step_sums``) and read once at
-    the end. Returns loss, accuracy, images and the 1-based batch where the loss sum stopped
-    being finite (None if it stayed finite). That batch is counted on the devices too: the
-    number of steps after which each context's running sum is still finite (NaN and Inf
-    stay)."""
+def train_epoch(model, trainer, batches, ctxs, protocol, sums_block, rates: list[float],
+                optim: Optimizer):
+    """One epoch at ``rates`` (one per batch); loss and accuracy are summed on the devices
+    (``step_sums``) and read once at the end. Returns loss, accuracy, images and the 1-based
+    batch where the loss sum stopped being finite (None if it stayed finite). That batch is
+    counted on the devices too: the number of steps after which each context's running sum is
+    still finite (NaN and Inf stay)."""
     mx = import_mxnet()
-    from mxnet import autograd, gluon
-
     sums = [mx.nd.zeros(2, ctx=ctx) for ctx in ctxs]  # per context: loss sum, correct
     finite = [mx.nd.zeros(2, ctx=ctx) for ctx in ctxs]  # steps with a finite sum, steps
     seen, pending = 0, []
-    for x, y in batches:
+    for (x, y), rate in zip(batches, rates):
         n = len(y)
         if n < len(ctxs):  # cannot be split over every context (at most one per epoch)
             continue
-        xs = gluon.utils.split_and_load(x, ctxs, even_split=False)
-        ys = gluon.utils.split_and_load(y, ctxs, even_split=False)
-        losses, outputs = [], []
-        with autograd.record():
-            for xi, yi in zip(xs, ys):
-                loss, logits = training_loss(model(xi), yi, model.aux_weight)
-                losses.append(loss)
-                outputs.append(logits)
-        autograd.backward(losses)
+        trainer.set_learning_rate(rate)
+        losses, outputs, ys = train_step(model, trainer, x, y, ctxs, optim)
         for i, (loss, logits, yi) in enumerate(zip(losses, outputs, ys)):
             sums[i], finite[i] = sums_block(loss, logits, yi, sums[i], finite[i])
-        trainer.step(n)  # gradients of the summed loss / n: the batch mean, as in torch
         seen += n
         # bound how far Python runs ahead of the engine without reading any value
         pending.append(losses[0])
@@ -238,6 +252,43 @@ def train_epoch(model, trainer, batches, ctxs, protocol, sums_block):
     bad = None if math.isfinite(loss) else \
         int(min(f.asnumpy()[0] for f in finite)) + 1  # (computed already)
     return loss, float(total[1] / max(seen, 1)), seen, bad
+
+
+def train_step(model, trainer, x, y, ctxs, optim: Optimizer) -> tuple[list, list, list]:
+    """One optimizer step on the batch ``x, y`` split over ``ctxs``, with the recipe's label
+    smoothing and gradient clipping; per context, the per-image training losses
+    (``training_loss``), the main logits and the labels (nothing read back to the host)."""
+    from mxnet import autograd, gluon
+
+    xs = gluon.utils.split_and_load(x, ctxs, even_split=False)
+    ys = gluon.utils.split_and_load(y, ctxs, even_split=False)
+    losses, outputs = [], []
+    with autograd.record():
+        for xi, yi in zip(xs, ys):
+            loss, logits = training_loss(model(xi), yi, model.aux_weight, optim.label_smoothing)
+            losses.append(loss)
+            outputs.append(logits)
+    autograd.backward(losses)
+    if optim.clip_grad_norm is None:
+        trainer.step(len(y))  # gradients of the summed loss / n: the batch mean, as in torch
+    else:
+        clip_and_step(trainer, model, ctxs, len(y), optim.clip_grad_norm)
+    return losses, outputs, ys
+
+
+def clip_and_step(trainer, model, ctxs, n: int, max_norm: float) -> None:
+    """``trainer.step(n)`` with the batch-mean gradient's global norm clipped at ``max_norm``:
+    the gradients (of the summed loss: n times the mean) are reduced over the contexts, each
+    context's copy is clipped at ``max_norm * n``, then the update runs (``make_trainer`` keeps
+    the updates out of the kvstore for this)."""
+    from mxnet import gluon
+
+    trained = [p for p in model.collect_params().values() if p.grad_req != "null"]
+    trainer.allreduce_grads()
+    for ctx in ctxs:  # no host read: the norm stays on the device
+        gluon.utils.clip_global_norm([p.grad(ctx) for p in trained], max_norm * n,
+                                     check_isfinite=False)
+    trainer.update(n)
 
 
 def evaluate_batches(mx, model, batches, ctxs) -> tuple[float, float]:

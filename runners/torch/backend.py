@@ -18,7 +18,7 @@ from lightning_fabric.utilities.seed import seed_everything
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.training import TrainReport
 
-from . import data, onnx, state
+from . import data, lr_find, onnx, state
 from . import weights as canonical
 from .model import SpecModule
 from .train import check_gpus, fit
@@ -93,6 +93,10 @@ class TorchBackend(Backend):
         self._fabric, report = fit(self.cfg, self.run_dir, model, loaders, resume,
                                    self.epoch_end_hooks)
         return report
+
+    def lr_range_test(self, model, train, rates, stop) -> list[float]:
+        return lr_find.lr_range_test(self.cfg, model, self.input_pipeline(train, True), rates,
+                                     stop)
 
     def _loaders(self, train, val, rank: int, world: int):
         """One process's training and validation loaders (called in the process that trains)."""

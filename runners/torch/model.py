@@ -67,6 +67,20 @@ def torch_layer(layer: S.Layer, in_shape: tuple[int, ...]) -> nn.Module:
     raise TypeError(f"torch backend cannot build {type(layer).__name__}")
 
 
+def kaiming_fan_out(layers) -> None:
+    """Spec.init "kaiming_fan_out" (torchvision's VGG): conv weights N(0, 2/fan_out), dense
+    weights N(0, 0.01^2), zero biases; the layers were built with PyTorch's default."""
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+        else:
+            continue
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
 class SpecModule(nn.Module):
     """Runs the spec's nodes in order; each output is dropped after its last use.
 
@@ -81,6 +95,8 @@ class SpecModule(nn.Module):
         self.layers = nn.ModuleDict({self.key(r.node.name): torch_layer(r.node.layer, r.in_shape)
                                      for r in analysis.layers})
         self.output, self.aux_outputs, self.aux_weight = spec.output, spec.aux_outputs, spec.aux_weight
+        if spec.init == "kaiming_fan_out":
+            kaiming_fan_out(self.layers.values())
         self._train_plan = self._plan(spec.nodes, (spec.output, *spec.aux_outputs))
         self._eval_plan = self._plan(spec.nodes, (spec.output,))
 

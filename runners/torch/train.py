@@ -6,16 +6,15 @@ their launchers, precision plugins, device placement) without the ``Trainer``'s 
 hooks: on LeNet-5 a minimal ``Trainer.fit`` reached 0.79x of a hand-written loop on an H200
 and 0.88x on a 2-core CPU, a Fabric loop 1.00x and 0.95x (docs/benchmarks.md, GPU).
 
-The loop is the protocol's: ``start_epoch`` (its seed seeds torch), the steps, validation
-between ``begin_validation`` and ``end_validation``, ``end_epoch`` with the training state
-written into the epoch folder (``state.training_state``), then the epoch's schedule step.
+The loop is the protocol's: ``start_epoch`` (its seed seeds torch), the steps (each with the
+schedule's rate), validation between ``begin_validation`` and ``end_validation``, ``end_epoch``
+with the training state written into the epoch folder (``state.training_state``).
 Under DDP every process runs it (``is_main`` = global rank 0): the means, the first bad step
 and the save are collective."""
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -53,13 +52,6 @@ def torch_optimizer(optim: Optimizer, params) -> torch.optim.Optimizer:
     raise ConfigError(f"optim.name={optim.name!r}: the torch backend has no such optimizer")
 
 
-def torch_schedule(optim: Optimizer, opt: torch.optim.Optimizer, max_epochs: int):
-    """The per-epoch schedule, or None (a constant rate)."""
-    if optim.scheduler == "cosine":  # its recursive floats are every backend's reference
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
-    return None
-
-
 class Classifier(torch.nn.Module):
     """A SpecModule's cross-entropy loss, with the weighted auxiliary losses in training
     (GoogLeNet, Inception-v3). Fabric wraps this module (DDP included), so the whole loss is
@@ -68,11 +60,14 @@ class Classifier(torch.nn.Module):
     ``compile_net``: the network's forward goes through ``torch.compile``, made at the first
     call in the process that trains (a compiled function does not pickle, which ddp_spawn
     needs); the module is held once, as ``net``, so the state's keys and the exported module
-    are those of the eager network."""
+    are those of the eager network. ``label_smoothing`` applies to the training loss only
+    (validation reports the plain cross-entropy)."""
 
-    def __init__(self, net: SpecModule, channels_last: bool, compile_net: bool = False):
+    def __init__(self, net: SpecModule, channels_last: bool, compile_net: bool = False,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.net, self.channels_last, self.compile_net = net, channels_last, compile_net
+        self.label_smoothing = label_smoothing
         self._compiled = None
 
     def forward(self, x, y):
@@ -82,9 +77,11 @@ class Classifier(torch.nn.Module):
             self._compiled = torch.compile(self.net.forward)
         out = self._compiled(x) if self.compile_net else self.net(x)
         logits, *aux = out if self.training and self.net.aux_outputs else (out,)
-        loss = F.cross_entropy(logits, y)
+        smoothing = self.label_smoothing if self.training else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         if aux:
-            loss = loss + self.net.aux_weight * sum(F.cross_entropy(a, y) for a in aux)
+            loss = loss + self.net.aux_weight * sum(
+                F.cross_entropy(a, y, label_smoothing=smoothing) for a in aux)
         return loss, logits
 
 
@@ -187,36 +184,37 @@ def fit(cfg, run_dir: Path, net: SpecModule, loaders, resume=None, hooks=()
 def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume, hooks):
     """One process's training (every process of a DDP run calls it): the protocol's report
     and the process id (rank 0's come back from ddp_spawn's processes)."""
-    if cfg.trainer.deterministic:
-        use_deterministic_kernels()
+    model, opt = training_modules(cfg, net)
     optim, max_epochs = Optimizer.from_config(cfg.optim), cfg.trainer.max_epochs
-    model = Classifier(net, cfg.backend.channels_last, cfg.backend.get("compile", False))
-    opt = torch_optimizer(optim, net.parameters())
-    schedule = torch_schedule(optim, opt, max_epochs)
     start = resume.epoch if resume is not None else 0
     if resume is not None:
         path = resume.file(CHECKPOINT)
         try:
-            restore(load_state(path), net, opt, schedule, start)
+            restore(load_state(path), net, opt)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: cannot resume from it: {one_line(err)}") from None
     model, opt = fabric.setup(model, opt)
     train_loader, val_loader = loaders(fabric.global_rank, fabric.world_size)
-    protocol = TrainingProtocol(cfg, run_dir, "torch", is_main=fabric.is_global_zero,
-                                checkpoint_file=CHECKPOINT, hooks=hooks)
-    sums = EpochSums(fabric)
     steps = num_batches(cfg.trainer.limit_train_batches, len(train_loader))
     val_steps = num_batches(cfg.trainer.limit_val_batches, len(val_loader))
+    # each process takes data.batch_size images per step
+    protocol = TrainingProtocol(cfg, run_dir, "torch", steps,
+                                cfg.data.batch_size * fabric.world_size,
+                                is_main=fabric.is_global_zero, checkpoint_file=CHECKPOINT,
+                                hooks=hooks)
+    rate, clip = protocol.schedule.rate, optim.clip_grad_norm
+    sums = EpochSums(fabric)
     try:
         for epoch in range(start, max_epochs):
-            lr = opt.param_groups[0]["lr"]
             # the same numbers whether this epoch follows the previous one or a resume
-            torch.manual_seed(protocol.start_epoch(epoch, steps))
+            torch.manual_seed(protocol.start_epoch(epoch))
             sums.start_epoch()
             model.train()
             train_loader.sampler.set_epoch(epoch)
-            for _, batch in zip(range(steps), train_loader):
-                train_step(fabric, model, opt, batch, sums)
+            for i, batch in zip(range(steps), train_loader):
+                for group in opt.param_groups:
+                    group["lr"] = rate(epoch * steps + i)
+                train_step(fabric, model, opt, batch, sums, clip)
                 protocol.step(1, sums.running)
             if val_steps > 0:
                 protocol.begin_validation()
@@ -229,11 +227,9 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume,
                 protocol.end_validation()
             means, first_bad = sums.means(), sums.first_bad_step()  # collectives
             protocol.end_epoch(  # raises TrainingDiverged before anything is written
-                epoch, means, sums.train_seen * fabric.world_size, lr, first_bad,
+                epoch, means, sums.train_seen * fabric.world_size, first_bad,
                 lambda folder, done=epoch + 1: fabric.save(
                     Path(folder) / CHECKPOINT, training_state(net, opt, done)))
-            if schedule is not None:
-                schedule.step()
             if protocol.stop_reason:
                 break
     finally:
@@ -243,30 +239,40 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume,
     return report, os.getpid()
 
 
-def train_step(fabric: Fabric, model, opt, batch, sums: EpochSums) -> None:
+def training_modules(cfg, net: SpecModule) -> tuple[Classifier, torch.optim.Optimizer]:
+    """What a training step runs (before ``fabric.setup``): ``net`` in its loss module and the
+    configured optimizer over its parameters; the kernels made deterministic if asked.
+    task=lr_find steps the same ones (``lr_find``)."""
+    if cfg.trainer.deterministic:
+        use_deterministic_kernels()
+    optim = Optimizer.from_config(cfg.optim)
+    model = Classifier(net, cfg.backend.channels_last, cfg.backend.get("compile", False),
+                       optim.label_smoothing)
+    return model, torch_optimizer(optim, net.parameters())
+
+
+def train_step(fabric: Fabric, model, opt, batch, sums: EpochSums,
+               clip_grad_norm: float | None = None) -> torch.Tensor:
     """One optimizer step of the set-up ``Classifier`` ``model`` on ``batch``; its loss and
-    predictions go to ``sums``."""
+    predictions go to ``sums``. Returns the loss (on the device, not read)."""
     x, y = fabric.to_device(batch)
     loss, logits = model(x, y)
     opt.zero_grad(set_to_none=True)
     fabric.backward(loss)
+    if clip_grad_norm is not None:  # before the optimizer adds its weight decay
+        fabric.clip_gradients(model, opt, max_norm=clip_grad_norm)
     opt.step()
     sums.add_train(loss, logits, y)
+    return loss
 
 
-def restore(state: dict, net, opt, schedule, epochs_done: int) -> None:
+def restore(state: dict, net, opt) -> None:
     """A checkpoint's weights and optimizer state into a fresh run (written by
     ``state.training_state``, or by the Lightning ``Trainer`` that earlier versions used:
-    the same keys). The schedule's position follows from the epochs done, and the config's
-    optimizer hyperparameters win over the checkpoint's: they are the same unless the run's
-    config was changed, which only the Python API allows (task=train refuses to resume a
-    changed config)."""
+    the same keys). The config's optimizer hyperparameters win over the checkpoint's: they are
+    the same unless the run's config was changed, which only the Python API allows (task=train
+    refuses to resume a changed config); the rate is set before every step."""
     net.load_state_dict(net_weights(state))
-    if schedule is not None:
-        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
-            warnings.simplefilter("ignore")
-            for _ in range(epochs_done):
-                schedule.step()
     config = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(state["optimizer_states"][0])  # the moments (and the saved rates)
     for group, values in zip(opt.param_groups, config):
