@@ -220,18 +220,18 @@ def compile_for_training(model, spec, cfg, strategy, policy, steps_per_call: int
 
 # --------------------------------------------------------------------------- the callback
 class EpochCallback(keras.callbacks.Callback):
-    """``TrainingProtocol`` inside ``model.fit``: at each epoch's start the seeds and the
-    learning rate, validation timed apart, and at its end the means, the first non-finite step
-    and the checkpoint writer handed to ``end_epoch``."""
+    """``TrainingProtocol`` inside ``model.fit``: at each epoch's start the seeds (the rate of
+    each step comes from the optimizer's ``StepRates``), validation timed apart, and at its end
+    the means, the first non-finite step and the checkpoint writer handed to ``end_epoch``."""
 
     def __init__(self, protocol: TrainingProtocol, steps: int, images_per_epoch: int,
-                 outputs: list[str], aux_weight: float, watch: LossWatch, generators: list,
-                 smoothed: bool):
+                 outputs: list[str], aux_weight: float, watch: LossWatch, generators: list):
         super().__init__()
         self.protocol, self.steps, self.images_per_epoch = protocol, steps, images_per_epoch
         self.watch, self.generators = watch, generators
         # the training loss is the one optimized: label-smoothed where smoothing is on
-        self.acc_key, self.ce_keys, self.train_keys = metric_keys(outputs, smoothed)
+        self.acc_key, self.ce_keys, self.train_keys = metric_keys(
+            outputs, protocol.optim.label_smoothing > 0)
         self.aux_weight = aux_weight
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -323,7 +323,7 @@ def fit(model, spec, train, val, resume, *, cfg, run_dir, strategy, policy, devi
     watch = LossWatch(strategy, model.optimizer.iterations)
     callback = (LiveEpochCallback if protocol.live else EpochCallback)(
         protocol, steps, min(steps * bs, len(train)), outputs, spec.aux_weight, watch,
-        seed_state_variables(model), Optimizer.from_config(cfg.optim).label_smoothing > 0)
+        seed_state_variables(model))
     model.loss_hook = watch.update
     try:
         model.fit(train_ds, initial_epoch=start, epochs=max_epochs, steps_per_epoch=steps,
