@@ -182,7 +182,6 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
     if resume is not None:
         backend.load_checkpoint(model, resume.file(state.WEIGHTS_FILE))
     model.collect_params().reset_ctx(ctxs)
-    optim = Optimizer.from_config(c.optim)
     trainer = make_trainer(model, c.optim, kvstore)
     if resume is not None:
         state.restore_trainer_state(mx, trainer, resume.path)
@@ -200,7 +199,7 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
             train_batches.set_epoch(epoch)
             rates = protocol.schedule.rates(epoch * steps, (epoch + 1) * steps)
             loss, acc, seen, bad = train_epoch(model, trainer, train_batches, ctxs, protocol,
-                                               sums_block, rates, optim)
+                                               sums_block, rates, protocol.optim)
             sync_running_stats(mx, model, ctxs)
             protocol.begin_validation()
             val_loss, val_acc = evaluate_batches(mx, model, val_batches, ctxs)

@@ -185,7 +185,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume,
     """One process's training (every process of a DDP run calls it): the protocol's report
     and the process id (rank 0's come back from ddp_spawn's processes)."""
     model, opt = training_modules(cfg, net)
-    optim, max_epochs = Optimizer.from_config(cfg.optim), cfg.trainer.max_epochs
+    max_epochs = cfg.trainer.max_epochs
     start = resume.epoch if resume is not None else 0
     if resume is not None:
         path = resume.file(CHECKPOINT)
@@ -202,7 +202,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume,
                                 cfg.data.batch_size * fabric.world_size,
                                 is_main=fabric.is_global_zero, checkpoint_file=CHECKPOINT,
                                 hooks=hooks)
-    rate, clip = protocol.schedule.rate, optim.clip_grad_norm
+    rate, clip = protocol.schedule.rate, protocol.optim.clip_grad_norm
     sums = EpochSums(fabric)
     try:
         for epoch in range(start, max_epochs):
