@@ -241,8 +241,12 @@ def _recipe_text(o: dict) -> str:
     name, lr = o.get("name", "?"), o.get("effective_lr", o.get("lr"))  # the rate applied
     text = f"{name} {lr:.3g}" if isinstance(lr, (int, float)) else f"{name} ?"
     if o.get("warmup_epochs"):
-        text += f", warmup {o['warmup_epochs']} ep"
-    return text + (f", {o['scheduler']}" if o.get("scheduler") not in (None, "none") else "")
+        text += f", warmup {o['warmup_epochs']:g} ep"
+    if o.get("scheduler") not in (None, "none"):
+        text += f", {o['scheduler']}"
+    if o.get("label_smoothing"):
+        text += f", smoothing {o['label_smoothing']:g}"
+    return text + (f", clip {o['clip_grad_norm']:g}" if o.get("clip_grad_norm") else "")
 
 
 def _note(r: dict, planned: int) -> str:

@@ -249,7 +249,9 @@ def _fake_run(run_dir, val_accs, optim=None):
 
 def test_accuracy_rows_mark_runs_below_the_target_and_the_spread_across_backends(tmp_path):
     _fake_run(tmp_path / "t", [0.5, 0.93, 0.91])
-    _fake_run(tmp_path / "k", [0.4, 0.7, 0.8], optim={"lr": 0.025, "warmup_epochs": 2})
+    _fake_run(tmp_path / "k", [0.4, 0.7, 0.8], optim={"lr": 0.025, "warmup_epochs": 2,
+                                                           "label_smoothing": 0.1,
+                                                           "clip_grad_norm": 2.0})
     rows = [accuracy.row("resnet50", "torch", tmp_path / "t", 0.9, None),
             accuracy.row("resnet50", "keras", tmp_path / "k", 0.9, None)]
     accuracy.add_spread(rows)
@@ -266,7 +268,8 @@ def test_accuracy_rows_mark_runs_below_the_target_and_the_spread_across_backends
     lines = md.splitlines()
     assert "| resnet50 | torch | 32 | 3 | 0.9300 (2) | 2 | 0.9100 | sgd 0.1, cosine |" in md
     keras_line = next(ln for ln in lines if "| keras |" in ln)
-    assert "**0.8000** (3), below 0.90" in keras_line and "sgd 0.025, warmup 2 ep" in keras_line
+    assert "**0.8000** (3), below 0.90" in keras_line
+    assert "| sgd 0.025, warmup 2 ep, cosine, smoothing 0.1, clip 2 |" in keras_line
     assert "| 0.1300 |" in keras_line and lines[0].startswith("Measured on CPU X")
 
 

@@ -50,7 +50,7 @@ def test_the_paper_recipe_is_stated_at_the_papers_batch():
     schedule = optim.schedule(64, 10, 15)
     assert optim.recipe_line(64, schedule) == (
         "lr 0.025 = 0.1 x 64/256 (linear scaling) at a global batch of 64, 2 warm-up epochs "
-        "(20 steps), cosine to 0 over 15 epochs")
+        "(20 steps), cosine to 0 over 15 epochs, gradient norm clipped at 2")
     v3 = Optimizer.from_config(compose_cfg("arch=inception_v3").optim)
     assert (v3.label_smoothing, v3.clip_grad_norm, v3.gamma, v3.step_epochs) == (0.1, 2.0, 0.94, 2)
 
