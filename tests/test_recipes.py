@@ -63,6 +63,7 @@ def test_a_recipes_warmup_longer_than_a_short_run_is_cut_to_half_of_it():
     assert schedule.warmup_steps == 22 and schedule.rates()[21] == schedule.lr
     assert "the recipe's 2 warm-up epochs cut to 0.5, half the run (22 steps)" in \
         optim.recipe_line(32, schedule)
+    assert optim.effective(32, schedule)["warmup_epochs"] == 0.5  # what results.json records
 
 
 @pytest.mark.parametrize("override, message", [

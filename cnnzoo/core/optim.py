@@ -97,7 +97,7 @@ class Optimizer:
         """results.json's ``optim`` block: what the run used, beside what was configured."""
         return {"name": self.name, "lr": self.lr, "reference_batch": self.reference_batch,
                 "global_batch": global_batch, "scaling": self.scaling_rule,
-                "effective_lr": schedule.lr, "warmup_epochs": self.warmup_epochs,
+                "effective_lr": schedule.lr, "warmup_epochs": self.warmup(schedule.max_epochs),
                 **{k: v for k, v in schedule.summary().items() if k != "lr"},
                 "label_smoothing": self.label_smoothing, "clip_grad_norm": self.clip_grad_norm,
                 "recipe": self.recipe_line(global_batch, schedule)}
