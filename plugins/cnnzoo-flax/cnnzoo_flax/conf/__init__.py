@@ -1,0 +1,1 @@
+"""conf/backend/flax.yaml: found by cnnzoo's Hydra search-path plugin."""
