@@ -13,6 +13,7 @@ one ``.npz`` per epoch folder (``state``), canonical weights (``weights``) and O
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class FlaxBackend(Backend):
                           "use hardware.devices=1 (one CPU or GPU)")
         if errors:
             raise ConfigError("\n".join(errors))
+        # "Unable to initialize backend 'tpu'" and the like: JAX probing for platforms
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
         # read when XLA's GPU client starts (the first device query), not at import
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = \
             "true" if cfg.backend.get("preallocate", False) else "false"

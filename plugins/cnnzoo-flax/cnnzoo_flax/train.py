@@ -173,7 +173,8 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
                 break
     finally:
         protocol.close()
-    return protocol.report({"device": str(device), "platform": device.platform},
+    return protocol.report({"device": f"{device.platform}:{device.id}",
+                            "platform": device.platform},
                            checkpoint=resume.file(checkpoint.STATE_FILE) if resume else None)
 
 

@@ -2,6 +2,7 @@
 frameworks the process imported), and small configs composed as ``run.py`` would."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,9 @@ class CliResult:
     @property
     def error_lines(self) -> list[str]:
         return [ln for ln in self.stderr.splitlines() if ln.startswith("error:")]
+
+    def results(self) -> dict:
+        return json.loads((self.run_dir / "results.json").read_text())
 
 
 def run_cli(run_dir: Path, *overrides: str, block: tuple[str, ...] = (),
