@@ -66,7 +66,7 @@ def update_direction(optim: Optimizer) -> optax.GradientTransformation:
     if optim.name in ("sgd", "rmsprop") and optim.momentum:
         parts.append(optax.trace(decay=optim.momentum,
                                  nesterov=optim.nesterov and optim.name == "sgd"))
-    return optax.chain(*parts)
+    return optax.chain(*parts) if parts else optax.identity()  # plain SGD: the gradient
 
 
 # --------------------------------------------------------------------------- the loss
