@@ -3,8 +3,12 @@ over explicit state (``train``) on the data layer's batches (``data``), its trai
 one ``.npz`` per epoch folder (``state``), canonical weights (``weights``) and ONNX export
 (``onnx``).
 
-- Hardware: one device, the CPU or a GPU (``hardware.accelerator``: cpu, gpu, or auto: a GPU
-  when JAX sees one). ``hardware.devices`` other than 1 is refused in one line for now.
+- Hardware: the CPU or GPUs (``hardware.accelerator``: cpu, gpu, or auto: GPUs when JAX sees
+  them), ``hardware.devices`` of them (-1: all) in this one process: the jitted step runs over a
+  one-axis mesh, each batch split along it and the state replicated, so XLA all-reduces the
+  gradients and batch norm sees the whole batch (the step computes what it computes on one
+  device). Several CPU devices are XLA's host-platform devices (``jax_num_cpu_devices``, set
+  before JAX starts its backends), so ``hardware=ddp_cpu`` trains on cpu:0 and cpu:1.
 - Precision: ``32-true``, or ``bf16-mixed``: the training step computes in bfloat16 with
   float32 parameters, statistics and logits; ``predict`` and the export are float32.
 - ``backend.matmul_precision`` is XLA's precision for float32 convolutions and matrix
@@ -20,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.errors import ConfigError
@@ -33,6 +38,20 @@ from .model import FlaxModel, build_model
 _DTYPES = {"32-true": jnp.float32, "bf16-mixed": jnp.bfloat16}
 
 
+def jax_started() -> bool:
+    """Whether JAX has started its backends (after which the CPU device count is fixed)."""
+    from jax._src import xla_bridge  # no public API says it (JAX 0.7)
+
+    return xla_bridge.backends_are_initialized()
+
+
+def _platform_devices(platform: str) -> list:
+    try:
+        return jax.devices(platform)
+    except RuntimeError:  # no such platform in this jaxlib
+        return []
+
+
 class FlaxBackend(Backend):
     name = "flax"
     onnx_layout = "NCHW"
@@ -42,12 +61,9 @@ class FlaxBackend(Backend):
         # what INFO.limits declares: the application refuses it first; a backend created
         # directly (tests, benchmarks) says the same here
         errors = INFO.unsupported(cfg)
-        hw = cfg.hardware
-        if hw.devices != 1:
-            errors.append(f"hardware.devices={hw.devices} is not supported by backend=flax yet: "
-                          "use hardware.devices=1 (one CPU or GPU)")
         if errors:
             raise ConfigError("\n".join(errors))
+        hw = cfg.hardware
         # "Unable to initialize backend 'tpu'" and the like: JAX probing for platforms
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
         # read when XLA's GPU client starts (the first device query), not at import
@@ -55,23 +71,41 @@ class FlaxBackend(Backend):
             "true" if cfg.backend.get("preallocate", False) else "false"
         jax.config.update("jax_default_matmul_precision",
                           cfg.backend.get("matmul_precision", "highest"))
-        self.device = self._device()
+        self.devices = self._devices()
+        self.device = self.devices[0]  # lr_find's (one device)
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.split = NamedSharding(self.mesh, PartitionSpec("data"))
         self.dtype = _DTYPES[hw.precision]
 
-    def _device(self):
-        """The device ``hardware.accelerator`` asks for: the CPU, a GPU, or (auto) JAX's
-        default (a GPU when jaxlib has CUDA and sees one)."""
-        accelerator = self.cfg.hardware.accelerator
-        if accelerator == "cpu":
-            return jax.devices("cpu")[0]
-        if accelerator == "gpu":
-            try:
-                return jax.devices("gpu")[0]
-            except RuntimeError:
-                raise ConfigError("hardware.accelerator=gpu, but JAX sees no GPU: install jax "
-                                  'with CUDA (pip install "jax[cuda12]"), else use '
-                                  "hardware=cpu") from None
-        return jax.devices()[0]
+    def _devices(self) -> list:
+        """The devices ``hardware`` asks for: ``hardware.devices`` CPUs or GPUs, or (auto) GPUs
+        when JAX sees enough of them, else CPUs."""
+        hw = self.cfg.hardware
+        wanted = hw.devices
+        if wanted != 1 and hw.accelerator != "gpu" and not jax_started():
+            # XLA's host platform offers one device unless told before it starts
+            jax.config.update("jax_num_cpu_devices",
+                              (os.cpu_count() or 1) if wanted == -1 else wanted)
+        gpus = _platform_devices("gpu")
+        if hw.accelerator == "gpu" or (hw.accelerator == "auto" and gpus and (
+                wanted == -1 or len(gpus) >= wanted)):
+            found, what = gpus, "GPU"
+        else:
+            found, what = jax.devices("cpu"), "CPU device"
+        if wanted != -1 and len(found) < wanted:
+            fix = ('install jax with CUDA (pip install "jax[cuda12]"), else use hardware=cpu'
+                   if what == "GPU" else "the CPU devices are fixed when JAX starts: run in a "
+                   "fresh process")
+            raise ConfigError(f"hardware.devices={wanted} ({hw.accelerator}), but JAX sees "
+                              f"{len(found)} {what}(s): {fix}")
+        return list(found if wanted == -1 else found[:wanted])
+
+    def put_batch(self, x, y):
+        """A batch on the devices, split along the mesh (replicated when it does not divide,
+        as an epoch's last batch may not)."""
+        sharding = self.split if len(y) % len(self.devices) == 0 else self.replicated
+        return jax.device_put((x, y), sharding)
 
     # ---------------------------------------------------------------- the model
     def build(self, spec, input_size) -> FlaxModel:

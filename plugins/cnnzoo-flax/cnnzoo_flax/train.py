@@ -136,13 +136,14 @@ class Steps:
 # --------------------------------------------------------------------------- the loop
 def fit(backend, model, train, val, resume=None) -> TrainReport:
     """``Backend.train`` of the Flax backend (``backend``: its ``FlaxBackend``)."""
-    c, device = backend.cfg, backend.device
+    c, replicated = backend.cfg, backend.replicated
     steps = Steps(backend.training_module(model), model.spec.aux_weight,
                   Optimizer.from_config(c.optim))
     state = steps.init_state(model.variables)
     if resume is not None:  # the arrays of the epoch folder, checked against this run's
         state = checkpoint.read_state(resume.file(checkpoint.STATE_FILE), state)
-    state = jax.device_put(jax.device_get(state), device)  # fresh buffers: the steps donate them
+    # fresh buffers (the steps donate them), one copy on every device
+    state = jax.device_put(jax.device_get(state), replicated)
     train_batches = backend.input_pipeline(train, True, num_batches(
         c.trainer.limit_train_batches, math.ceil(len(train) / c.data.batch_size)))
     val_batches = backend.input_pipeline(val, False, num_batches(
@@ -153,16 +154,16 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
     per_epoch = len(train_batches)
     try:
         for epoch in range(resume.epoch if resume is not None else 0, c.trainer.max_epochs):
-            key = jax.device_put(jax.random.PRNGKey(protocol.start_epoch(epoch)), device)
+            key = jax.device_put(jax.random.PRNGKey(protocol.start_epoch(epoch)), replicated)
             train_batches.set_epoch(epoch)
             state, sums, seen = train_epoch(steps, state, train_batches, protocol, key,
-                                            epoch * per_epoch, device)
+                                            epoch * per_epoch, backend)
             total = np.asarray(sums, np.float64)  # the epoch's one read of the training sums
             loss, acc = total[0] / max(seen, 1), total[1] / max(seen, 1)
             bad = None if math.isfinite(loss) else FirstBadStep(int(total[2]) + 1, loss)
             variables = {PARAMS: state[PARAMS], BATCH_STATS: state[BATCH_STATS]}
             protocol.begin_validation()
-            val_loss, val_acc = evaluate_batches(steps, variables, val_batches, device)
+            val_loss, val_acc = evaluate_batches(steps, variables, val_batches, backend)
             protocol.end_validation()
             model.variables = jax.device_get(variables)  # host copies: the next step donates
             # a diverged epoch raises here, before anything is written
@@ -173,22 +174,24 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
                 break
     finally:
         protocol.close()
-    return protocol.report({"device": f"{device.platform}:{device.id}",
-                            "platform": device.platform},
+    names = [f"{d.platform}:{d.id}" for d in backend.devices]
+    return protocol.report({"device": ", ".join(names), "replicas": len(names),
+                            "platform": backend.device.platform},
                            checkpoint=resume.file(checkpoint.STATE_FILE) if resume else None)
 
 
 def train_epoch(steps: Steps, state, batches: EpochBatches, protocol, key, first_step: int,
-                device):
-    """One epoch's steps at the schedule's rates (step ``first_step`` onwards); returns the
-    state, the device-side sums and the images seen. Python runs at most two steps ahead of
-    the device (each queued step holds its batch)."""
-    sums = jax.device_put(jnp.zeros(3, jnp.float32), device)
+                backend):
+    """One epoch's steps at the schedule's rates (step ``first_step`` onwards), each batch
+    split over the backend's devices; returns the state, the device-side sums and the images
+    seen. Python runs at most two steps ahead of the devices (each queued step holds its
+    batch)."""
+    sums = jax.device_put(jnp.zeros(3, jnp.float32), backend.replicated)
     seen, pending = 0, []
     rate = protocol.schedule.rate
     for i, (x, y) in enumerate(batches):
-        state, sums = steps.train(state, sums, x, y, np.float32(rate(first_step + i)), key,
-                                  np.int32(i))
+        state, sums = steps.train(state, sums, *backend.put_batch(x, y),
+                                  np.float32(rate(first_step + i)), key, np.int32(i))
         seen += len(y)
         pending.append(sums)
         if len(pending) > 2:
@@ -199,11 +202,11 @@ def train_epoch(steps: Steps, state, batches: EpochBatches, protocol, key, first
     return state, sums, seen
 
 
-def evaluate_batches(steps: Steps, variables, batches: EpochBatches, device):
-    """Mean cross-entropy and accuracy in inference mode."""
-    sums, seen = jax.device_put(jnp.zeros(2, jnp.float32), device), 0
+def evaluate_batches(steps: Steps, variables, batches: EpochBatches, backend):
+    """Mean cross-entropy and accuracy in inference mode, on the backend's devices."""
+    sums, seen = jax.device_put(jnp.zeros(2, jnp.float32), backend.replicated), 0
     for x, y in batches:
-        sums = steps.evaluate(variables, sums, x, y)
+        sums = steps.evaluate(variables, sums, *backend.put_batch(x, y))
         seen += len(y)
     total = np.asarray(sums, np.float64)
     return float(total[0] / max(seen, 1)), float(total[1] / max(seen, 1))

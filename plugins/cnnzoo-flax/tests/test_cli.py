@@ -4,6 +4,7 @@ import csv
 
 import onnx
 import pytest
+from conftest import run_cli
 
 
 @pytest.mark.slow
@@ -35,3 +36,23 @@ def test_summary_reports_native_params(cli):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.results()["native_params"] == r.results()["params"] == 25_028_904
     assert "native flax parameters: 25,028,904" in r.stdout
+
+
+@pytest.mark.slow
+def test_two_cpu_devices_compute_what_one_does(tmp_path):
+    """hardware=ddp_cpu: one process, two XLA CPU devices, each batch split over them and the
+    gradients all-reduced; batch norm and the loss see the whole batch, so the run's losses are
+    the one-device run's (up to the order of the sums)."""
+    short = ("backend=flax", "trainer.max_epochs=2", "data.limit=300", "export.enabled=false",
+             "trainer.progress_bar=false")
+    runs = {hw: run_cli(tmp_path / hw, *short, f"hardware={hw}") for hw in ("cpu", "ddp_cpu")}
+    for r in runs.values():
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = (runs[hw].results() for hw in ("cpu", "ddp_cpu"))
+    assert two["hardware"]["device"] == "cpu:0, cpu:1" and two["hardware"]["replicas"] == 2
+    assert one["hardware"]["device"] == "cpu:0"
+    rows = [list(csv.DictReader((runs[hw].run_dir / "metrics.csv").open()))
+            for hw in ("cpu", "ddp_cpu")]
+    for a, b in zip(*rows):
+        for column in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-5), column
