@@ -17,5 +17,8 @@ INFO = BackendInfo(
     weight_neutral=("preallocate",),  # where the GPU memory comes from, not what is computed
     # one process drives every device of one machine; float16 would need loss scaling
     limits={"hardware.num_nodes": (1,), "hardware.precision": ("32-true", "bf16-mixed")},
+    # known only once JAX runs (refused with one line when the backend starts)
+    startup_checks={"hardware.devices": "no more devices than JAX sees; several CPU devices "
+                                        "only where JAX has not started yet (a fresh process)"},
     conf="cnnzoo_flax.conf",
 )
