@@ -92,6 +92,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="product config variants, each BACKEND[@ARCH]:override[,override]; "
                         "{cores} is the physical core count; 'none' for none (default: "
                         + " ".join(DEFAULT_VARIANTS) + ")")
+    p.add_argument("--hardware", default="cpu",
+                   help="the hardware preset (conf/hardware) of the product's training runs and "
+                        "of a plugin's hand-written loop (default cpu; the built-in loops run "
+                        "on the CPU only: python -m bench.gpu measures torch on a GPU)")
     p.add_argument("--threads", type=int, default=physical_cores(),
                    help="threads of the hand-written loops, matmul peak and inference "
                         "(default: the physical cores)")
@@ -175,7 +179,7 @@ class Bench:
         return {"arch": arch, "backend": backend, "batch": batch,
                 "input_size": size, "steps": steps, "reps": self.a.reps,
                 "warmup": self.a.warmup, "warmup_steps": steps if steps > 4 else 2,
-                "threads": self.a.threads}
+                "threads": self.a.threads, "hardware": self.a.hardware}
 
     def native(self, backend: str) -> None:
         """Everything of ``backend`` that runs at a fixed thread count, in one process: the

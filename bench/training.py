@@ -48,10 +48,10 @@ HAND_DESCRIPTIONS = {
 
 
 def config_overrides(arch: str, backend: str, batch: int, input_size: int, steps: int,
-                     epochs: int, extra=()) -> list[str]:
+                     epochs: int, extra=(), hardware: str = "cpu") -> list[str]:
     """The training config of both sides: ``steps`` batches per epoch of synthetic images
     generated at the input size (no resize), and one validation image."""
-    return [f"arch={arch}", f"backend={backend}", "hardware=cpu",
+    return [f"arch={arch}", f"backend={backend}", f"hardware={hardware}",
             *synthetic_data(steps * batch, batch, input_size), "optim=sgd", f"optim.lr={LR}",
             f"optim.momentum={MOMENTUM}", f"optim.weight_decay={WEIGHT_DECAY}",
             "optim.scheduler=none", f"trainer.max_epochs={epochs}",
@@ -74,7 +74,8 @@ def product(args: dict) -> list[Row]:
     variant_name, paired = " ".join(variant) or "default", bool(args.get("paired"))
     hand = _same_process_hand(args, variant) if paired else {}
     cfg = compose(*config_overrides(args["arch"], args["backend"], args["batch"],
-                                    args["input_size"], args["steps"], warmup + reps, variant))
+                                    args["input_size"], args["steps"], warmup + reps, variant,
+                                    args.get("hardware", "cpu")))
     exp = prepare(cfg)
     clock = EpochLineClock()
     with tempfile.TemporaryDirectory(prefix="cnnzoo-bench-run-") as run_dir:
@@ -107,7 +108,7 @@ def product(args: dict) -> list[Row]:
                         Stats.of(hand[layout] + after[layout]), **_common(args),
                         variant=variant_name, threads=threads,
                         warmup=f"{args['warmup_steps']} steps",
-                        note=f"{HAND_DESCRIPTIONS[(args['backend'], layout)]}, the product's "
+                        note=f"{describe_hand(args['backend'], layout)}, the product's "
                              "threads; timed before and after the product's run"))
     return rows
 
@@ -176,7 +177,8 @@ def handwritten(args: dict) -> list[Row]:
     cfg = compose(*config_overrides(args["arch"], args["backend"], args["batch"],
                                     args["input_size"], args["steps"], 1,
                                     [*args.get("extra_overrides", ()),
-                                     *([f"hardware.threads={threads}"] if threads else [])]))
+                                     *([f"hardware.threads={threads}"] if threads else [])],
+                                    args.get("hardware", "cpu")))
     exp = prepare(cfg)
     x, y = exp.train_split.take(np.arange(len(exp.train_split)))  # preprocessed once
     rows = []
@@ -190,10 +192,20 @@ def handwritten(args: dict) -> list[Row]:
         def product_epoch(epoch: int):
             return epoch_batches(made["backend"], args["backend"], exp.train_split, epoch)
 
-        loops = {"torch": _torch_loop, "keras": _keras_loop, "mxnet": _mxnet_loop}
-        for layout, seconds in loops[args["backend"]](build, x, y, args, product_epoch):
+        if args["backend"] in BUILT_IN_LOOPS:
+            if args.get("hardware", "cpu") != "cpu":
+                raise ValueError(f"the {args['backend']} hand-written loop runs on the CPU "
+                                 "(python -m bench.gpu measures torch on a GPU)")
+            timings = BUILT_IN_LOOPS[args["backend"]](build, x, y, args, product_epoch)
+        else:  # an installed plugin's own loop, on its backend's devices
+
+            def backend_and_model():
+                model = build()
+                return made["backend"], model
+            timings = plugin_loop(args["backend"]).loop(backend_and_model, x, y, args)
+        for layout, seconds in timings:
             rates = [args["steps"] * args["batch"] / s for s in seconds]
-            rows.append(Row("training", HAND_DESCRIPTIONS[(args["backend"], layout)],
+            rows.append(Row("training", describe_hand(args["backend"], layout),
                             "throughput", "images/s", Stats.of(rates), **_common(args),
                             variant=layout, threads=threads or "default",
                             warmup="1 epoch" if layout in (PIPELINE, FRAMEWORK_LOOP)
@@ -201,6 +213,26 @@ def handwritten(args: dict) -> list[Row]:
                             note=f"{args['steps']} steps per repetition",
                             extra={"samples": rates}))
     return rows
+
+
+def plugin_loop(backend: str):
+    """The hand-written loop an outside backend ships for this benchmark: the module its
+    package names in the ``cnnzoo.bench_loops`` entry point group, with
+    ``loop(backend_and_model, x, y, args)`` yielding ``(layout, seconds per repetition)`` and
+    ``DESCRIPTIONS`` (layout -> what the loop is)."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="cnnzoo.bench_loops") if ep.name == backend]
+    if not found:
+        raise ValueError(f"backend {backend!r} ships no hand-written loop (entry point group "
+                         "cnnzoo.bench_loops)")
+    return found[0].load()
+
+
+def describe_hand(backend: str, layout: str) -> str:
+    if (backend, layout) in HAND_DESCRIPTIONS:
+        return HAND_DESCRIPTIONS[(backend, layout)]
+    return plugin_loop(backend).DESCRIPTIONS[layout]
 
 
 PIPELINE = "product input_pipeline"
@@ -381,3 +413,6 @@ def _mxnet_loop(build, x, y, args, product_epoch):
     yield "nchw", _timings(step, sync, batches, args)
     if args.get("diagnose_pipeline"):
         yield PIPELINE, _timings(step, sync, None, args, product_epoch)
+
+
+BUILT_IN_LOOPS = {"torch": _torch_loop, "keras": _keras_loop, "mxnet": _mxnet_loop}

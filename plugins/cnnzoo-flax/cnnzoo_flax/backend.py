@@ -11,6 +11,9 @@ one ``.npz`` per epoch folder (``state``), canonical weights (``weights``) and O
   before JAX starts its backends), so ``hardware=ddp_cpu`` trains on cpu:0 and cpu:1.
 - Precision: ``32-true``, or ``bf16-mixed``: the training step computes in bfloat16 with
   float32 parameters, statistics and logits; ``predict`` and the export are float32.
+- ``hardware.threads`` binds the process to that many CPUs per device (XLA sizes its thread
+  pools from them; JAX has no thread setting); ``trainer.deterministic`` turns on XLA's
+  deterministic GPU kernels.
 - ``backend.matmul_precision`` is XLA's precision for float32 convolutions and matrix
   products (``highest``: true float32 on GPUs too, as the other backends compute);
   ``backend.preallocate`` is set for XLA's GPU client before it starts.
@@ -52,6 +55,25 @@ def _platform_devices(platform: str) -> list:
         return []
 
 
+def _add_xla_flag(flag: str) -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags.split():
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def _limit_threads(n: int) -> None:
+    """``hardware.threads`` (per device): JAX has no thread setting, but XLA sizes its CPU
+    thread pools from the CPUs the process may run on (as under ``taskset``), so the process
+    is bound to the first ``n`` of them before JAX starts its backends."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) <= n:
+        return
+    if jax_started():  # its pools exist: binding now would not resize them
+        raise ConfigError(f"hardware.threads: JAX already runs on {len(allowed)} CPUs in this "
+                          "process; set the threads in a fresh process")
+    os.sched_setaffinity(0, allowed[:n])
+
+
 class FlaxBackend(Backend):
     name = "flax"
     onnx_layout = "NCHW"
@@ -71,6 +93,10 @@ class FlaxBackend(Backend):
             "true" if cfg.backend.get("preallocate", False) else "false"
         jax.config.update("jax_default_matmul_precision",
                           cfg.backend.get("matmul_precision", "highest"))
+        if cfg.trainer.get("deterministic"):  # XLA's GPU kernels without atomics; read when
+            _add_xla_flag("--xla_gpu_deterministic_ops=true")  # its GPU client starts
+        if hw.threads:
+            _limit_threads(hw.threads * (1 if hw.devices == -1 else hw.devices))
         self.devices = self._devices()
         self.device = self.devices[0]  # lr_find's (one device)
         self.mesh = Mesh(np.array(self.devices), ("data",))

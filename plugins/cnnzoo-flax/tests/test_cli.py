@@ -1,6 +1,9 @@
 """End to end through cnnzoo's ``python run.py backend=flax``: the default job trains, exports
 and verifies its ONNX file; task=summary counts the native parameters. Only JAX is imported."""
 import csv
+import os
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -56,3 +59,30 @@ def test_two_cpu_devices_compute_what_one_does(tmp_path):
     for a, b in zip(*rows):
         for column in ("train_loss", "val_loss", "train_acc", "val_acc"):
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-5), column
+
+
+_THREADS_PROBE = """
+import collections, os, sys
+from cnnzoo.app.experiment import compose
+from cnnzoo_flax.backend import FlaxBackend
+import jax.numpy as jnp
+overrides = ["backend=flax", "hardware=cpu"] + sys.argv[1:]
+backend = FlaxBackend(compose(*overrides), ".")
+(jnp.ones((256, 256)) @ jnp.ones((256, 256))).block_until_ready()
+print(len(os.sched_getaffinity(0)), len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to limit to one")
+def test_threads_bind_the_process_before_xla_sizes_its_pools(tmp_path):
+    """JAX has no thread setting: hardware.threads=1 binds the process to one CPU before JAX
+    starts its CPU client, which then starts fewer threads (its pools are sized from the
+    CPUs the process may use)."""
+    def probe(*overrides):
+        out = subprocess.run([sys.executable, "-c", _THREADS_PROBE, *overrides], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return tuple(int(v) for v in out.stdout.split()[-2:])
+    (cpus, threads), (one_cpu, fewer) = probe(), probe("hardware.threads=1")
+    assert (cpus, one_cpu) == (len(os.sched_getaffinity(0)), 1)
+    assert fewer < threads
