@@ -240,7 +240,7 @@ class Analysis:
 
 
 # --------------------------------------------------------------------------- shape rules
-def _window(size: int, k: int, s: int, p: int, d: int = 1, ceil_mode: bool = False) -> int:
+def window_count(size: int, k: int, s: int, p: int, d: int = 1, ceil_mode: bool = False) -> int:
     """The textbook out = (W - F + 2P) / S + 1, with PyTorch's ceil-mode correction."""
     span = d * (k - 1) + 1
     if ceil_mode:  # windows may hang over the edge, as long as each one starts inside
@@ -270,15 +270,16 @@ def output_shape(layer: Layer, ins: list[Shape]) -> Shape:
                              f"divisible by groups={layer.groups}")
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(
             pair, (layer.kernel, layer.stride, layer.padding, layer.dilation))
-        return (layer.out_channels, _window(h, kh, sh, ph, dh), _window(w, kw, sw, pw, dw))
+        return (layer.out_channels, window_count(h, kh, sh, ph, dh),
+                window_count(w, kw, sw, pw, dw))
     if isinstance(layer, (MaxPool, AvgPool)):
         c, h, w = _spatial(x)
         (kh, kw), (ph, pw) = pair(layer.kernel), pair(layer.padding)
         sh, sw = pair(layer.kernel if layer.stride is None else layer.stride)
         if 2 * max(ph, pw) > max(kh, kw):
             raise ShapeError("padding must be at most half the kernel")
-        return (c, _window(h, kh, sh, ph, ceil_mode=layer.ceil_mode),
-                _window(w, kw, sw, pw, ceil_mode=layer.ceil_mode))
+        return (c, window_count(h, kh, sh, ph, ceil_mode=layer.ceil_mode),
+                window_count(w, kw, sw, pw, ceil_mode=layer.ceil_mode))
     if isinstance(layer, AdaptiveAvgPool):
         c, _, _ = _spatial(x)
         return (c, *pair(layer.output_size))

@@ -43,6 +43,7 @@ import tempfile
 import numpy as np
 
 from architectures import spec as S
+from architectures.geometry import adaptive_bins, avg_divisors, axis_padding
 
 # TensorFlow's C++ logging: INFO and WARNING lines (oneDNN, CPU features, XLA) are noise here
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -81,41 +82,12 @@ from keras import layers, ops  # noqa: E402  (after the quiet import)
 PACKAGE = "cnnzoo"
 
 
-# --------------------------------------------------------------------------- PyTorch geometry
-def _axis_padding(size: int, k: int, s: int, p: int, d: int = 1,
-                  ceil_mode: bool = False) -> tuple[int, int, int]:
-    """(left, right, out) for one spatial axis: ``p`` zeros/-infs on the left and enough on the
-    right that a 'valid' window op yields PyTorch's ``out`` windows (ceil mode may need more
-    than ``p`` on the right; the spec's rule guarantees every window still starts inside)."""
-    out = S._window(size, k, s, p, d, ceil_mode)
-    covered = (out - 1) * s + d * (k - 1) + 1  # input extent the windows span, padding included
-    return p, max(p, covered - size - p), out
-
-
+# --------------------------------------------------------------------------- padding
 def _same_is_exact(kernel: S.Pair, stride: S.Pair, padding: S.Pair,
                    dilation: S.Pair = (1, 1)) -> bool:
     """Keras 'same' equals symmetric padding p when stride is 1 and d*(k-1) == 2p per axis."""
     return stride == (1, 1) and all(d * (k - 1) == 2 * p
                                     for k, p, d in zip(kernel, padding, dilation))
-
-
-def _divisors(size: int, k: int, s: int, p: int, out: int, count_include_pad: bool) -> np.ndarray:
-    """PyTorch's average-pool divisor of each output position along one axis: the window is
-    clipped to [-p, size + p) and, without count_include_pad, to the input [0, size)."""
-    start = np.arange(out) * s - p
-    end = np.minimum(start + k, size + p)
-    if not count_include_pad:
-        start, end = np.maximum(start, 0), np.minimum(end, size)
-    return (end - start).astype(np.float64)
-
-
-def adaptive_bins(size: int, out: int) -> np.ndarray:
-    """(out, size) averaging matrix of PyTorch's adaptive pooling bins along one axis."""
-    m = np.zeros((out, size), np.float64)
-    for i in range(out):
-        lo, hi = (i * size) // out, -((-(i + 1) * size) // out)  # floor, ceil
-        m[i, lo:hi] = 1.0 / (hi - lo)
-    return m
 
 
 # --------------------------------------------------------------------------- custom layers
@@ -140,8 +112,8 @@ class SpecPool2D(layers.Layer):
     def build(self, input_shape):
         _, h, w, _ = input_shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        *pad_h, oh = _axis_padding(h, kh, sh, ph, ceil_mode=self.ceil_mode)
-        *pad_w, ow = _axis_padding(w, kw, sw, pw, ceil_mode=self.ceil_mode)
+        pad_h, oh = axis_padding(h, kh, sh, ph, ceil_mode=self.ceil_mode)
+        pad_w, ow = axis_padding(w, kw, sw, pw, ceil_mode=self.ceil_mode)
         self._pads = ((0, 0), tuple(pad_h), tuple(pad_w), (0, 0))
         self._out = (oh, ow)
         # TF's 'same' pooling ignores the padded cells: exact for max, and for avg exactly
@@ -151,8 +123,8 @@ class SpecPool2D(layers.Layer):
         self._scale = None
         if self.mode == "avg" and not self._same:
             scale = kh * kw / np.outer(
-                _divisors(h, kh, sh, ph, oh, self.count_include_pad),
-                _divisors(w, kw, sw, pw, ow, self.count_include_pad))
+                avg_divisors(h, kh, sh, ph, oh, self.count_include_pad),
+                avg_divisors(w, kw, sw, pw, ow, self.count_include_pad))
             if not np.allclose(scale, 1.0):
                 self._scale = scale[None, :, :, None].astype(np.float32)
 
@@ -172,8 +144,8 @@ class SpecPool2D(layers.Layer):
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        return (n, _axis_padding(h, kh, sh, ph, ceil_mode=self.ceil_mode)[2],
-                _axis_padding(w, kw, sw, pw, ceil_mode=self.ceil_mode)[2], c)
+        return (n, axis_padding(h, kh, sh, ph, ceil_mode=self.ceil_mode)[1],
+                axis_padding(w, kw, sw, pw, ceil_mode=self.ceil_mode)[1], c)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "kernel": self.kernel,
@@ -209,8 +181,8 @@ class AdaptiveAvgPool2D(layers.Layer):
         (oh, ow) = self.output_size
         self._identity = (h, w) == (oh, ow)
         self._pool = None if self._identity or h % oh or w % ow else (h // oh, w // ow)
-        self._bins = (adaptive_bins(h, oh).astype(np.float32),
-                      adaptive_bins(w, ow).astype(np.float32))
+        self._bins = (np.asarray(adaptive_bins(h, oh), np.float32),
+                      np.asarray(adaptive_bins(w, ow), np.float32))
 
     def call(self, x):
         if self._identity:

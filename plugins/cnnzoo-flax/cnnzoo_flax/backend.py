@@ -35,7 +35,7 @@ from cnnzoo.core.errors import ConfigError
 from . import INFO, lr_find, state
 from . import train as training
 from . import weights as canonical
-from .data import EpochBatches
+from .data import EpochBatches, prefetch_threads
 from .model import FlaxModel, build_model
 
 _DTYPES = {"32-true": jnp.float32, "bf16-mixed": jnp.bfloat16}
@@ -98,7 +98,7 @@ class FlaxBackend(Backend):
         if hw.threads:
             _limit_threads(hw.threads * (1 if hw.devices == -1 else hw.devices))
         self.devices = self._devices()
-        self.device = self.devices[0]  # lr_find's (one device)
+        self.device = self.devices[0]  # its platform names the run's in results.json
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.split = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -146,7 +146,9 @@ class FlaxBackend(Backend):
         return model.module.clone(dtype=self.dtype)
 
     def input_pipeline(self, split, shuffle: bool, limit: int | None = None) -> EpochBatches:
-        return EpochBatches(split, self.cfg.data.batch_size, self.cfg.seed, shuffle, limit)
+        bs = self.cfg.data.batch_size
+        return EpochBatches(split, bs, self.cfg.seed, shuffle, limit, self.put_batch,
+                            prefetch_threads(split.preprocess.image_bytes, bs))
 
     # ---------------------------------------------------------------- training
     def train(self, model, train, val, resume=None):

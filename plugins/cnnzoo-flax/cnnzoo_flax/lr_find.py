@@ -20,12 +20,13 @@ def lr_range_test(backend, model, train, rates, stop) -> list[float]:
     epoch (dropout keys as in training: the epoch's seed and the batch's index); each step's
     mean loss read back to the host. The model ends with the trained variables (host arrays),
     as after training."""
-    device, seed = backend.device, backend.cfg.seed
+    seed = backend.cfg.seed
     steps = Steps(backend.training_module(model), model.spec.aux_weight,
                   Optimizer.from_config(backend.cfg.optim))
-    state = jax.device_put(jax.device_get(steps.init_state(model.variables)), device)
+    state = jax.device_put(jax.device_get(steps.init_state(model.variables)),
+                           backend.replicated)
     batches = backend.input_pipeline(train, True)
-    zeros = jax.device_put(jnp.zeros(3, jnp.float32), device)
+    zeros = jax.device_put(jnp.zeros(3, jnp.float32), backend.replicated)
 
     def numbered():  # (batch, its epoch's key, its index in the epoch)
         for i, batch in enumerate(consecutive_batches(batches, batches.set_epoch)):

@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 
 from architectures import spec as S
+from architectures.geometry import adaptive_bins, avg_divisors, axis_padding
 
 PARAMS, BATCH_STATS = "params", "batch_stats"
 
@@ -81,38 +82,7 @@ def initial_values(init: str, kind: str, shapes: dict[str, tuple[int, ...]],
             for p, shape in shapes.items()}
 
 
-# --------------------------------------------------------------------------- PyTorch geometry
-def axis_padding(size: int, k: int, s: int, p: int, d: int = 1,
-                 ceil_mode: bool = False) -> tuple[tuple[int, int], int]:
-    """((left, right), out) along one axis: ``p`` on the left and, on the right, enough that a
-    window op without padding yields PyTorch's ``out`` windows (ceil mode may need more than
-    ``p``; the spec's rule guarantees that every window still starts inside)."""
-    out = S._window(size, k, s, p, d, ceil_mode)
-    covered = (out - 1) * s + d * (k - 1) + 1
-    return (p, max(p, covered - size - p)), out
-
-
-def avg_divisors(size: int, k: int, s: int, p: int, out: int,
-                 count_include_pad: bool) -> np.ndarray:
-    """PyTorch's average-pool divisor at each output position along one axis: the window
-    clipped to [-p, size + p) and, without ``count_include_pad``, to the input [0, size)."""
-    start = np.arange(out) * s - p
-    end = np.minimum(start + k, size + p)
-    if not count_include_pad:
-        start, end = np.maximum(start, 0), np.minimum(end, size)
-    return (end - start).astype(np.float64)
-
-
-def adaptive_bins(size: int, out: int) -> np.ndarray:
-    """(out, size) averaging matrix of PyTorch's adaptive pooling along one axis: bin i spans
-    [floor(i * size / out), ceil((i + 1) * size / out))."""
-    m = np.zeros((out, size), np.float64)
-    for i in range(out):
-        lo, hi = (i * size) // out, -((-(i + 1) * size) // out)
-        m[i, lo:hi] = 1.0 / (hi - lo)
-    return m
-
-
+# --------------------------------------------------------------------------- pooling
 def pool(x, layer: S.MaxPool | S.AvgPool):
     """Max or average pooling of an NHWC batch with PyTorch's semantics."""
     _, h, w, _ = x.shape

@@ -216,8 +216,11 @@ def to_onnx(model, opset: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                        ["batch", spec.num_classes])],
         g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="cnnzoo-flax")
+    opsets = [helper.make_opsetid("", opset)]
+    # the oldest IR version the opset allows, not this onnx package's newest: onnxruntime
+    # 1.30 refuses onnx 1.23's IR 14 ("Unsupported model IR version"), seen on a GPU machine
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="cnnzoo-flax",
+                              ir_version=helper.find_min_ir_version_for(opsets))
     onnx.checker.check_model(proto)
     return proto
 

@@ -190,7 +190,7 @@ def train_epoch(steps: Steps, state, batches: EpochBatches, protocol, key, first
     seen, pending = 0, []
     rate = protocol.schedule.rate
     for i, (x, y) in enumerate(batches):
-        state, sums = steps.train(state, sums, *backend.put_batch(x, y),
+        state, sums = steps.train(state, sums, x, y,
                                   np.float32(rate(first_step + i)), key, np.int32(i))
         seen += len(y)
         pending.append(sums)
@@ -206,7 +206,7 @@ def evaluate_batches(steps: Steps, variables, batches: EpochBatches, backend):
     """Mean cross-entropy and accuracy in inference mode, on the backend's devices."""
     sums, seen = jax.device_put(jnp.zeros(2, jnp.float32), backend.replicated), 0
     for x, y in batches:
-        sums = steps.evaluate(variables, sums, *backend.put_batch(x, y))
+        sums = steps.evaluate(variables, sums, x, y)
         seen += len(y)
     total = np.asarray(sums, np.float64)
     return float(total[0] / max(seen, 1)), float(total[1] / max(seen, 1))

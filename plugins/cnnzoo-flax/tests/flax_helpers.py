@@ -1,5 +1,6 @@
 """Helpers of the plugin's tests: cnnzoo's ``run.py`` in a real subprocess (reporting which
-frameworks the process imported), and small configs composed as ``run.py`` would."""
+frameworks the process imported), and test images. A module of its own, not conftest.py:
+the tests also run beside cnnzoo's, whose helpers are a module named ``conftest`` too."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import cnnzoo
 
@@ -60,11 +60,7 @@ def run_cli(run_dir: Path, *overrides: str, block: tuple[str, ...] = (),
     return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir)
 
 
-@pytest.fixture
-def cli(tmp_path):
-    return lambda *overrides, **kw: run_cli(tmp_path / "run", *overrides, **kw)
-
-
 def images(n: int, c: int, size: int, seed: int = 0) -> np.ndarray:
     """A float32 NCHW batch of standard-normal pixels."""
     return np.random.default_rng(seed).standard_normal((n, c, size, size)).astype(np.float32)
+

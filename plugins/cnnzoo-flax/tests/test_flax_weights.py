@@ -2,12 +2,15 @@
 architecture, give torch's logits on the same images (the proof that kernels, dense rows,
 grouped and depthwise convolutions and batch-norm statistics land where they belong); the
 round trip is exact; bad weights are refused before anything changes."""
-import numpy as np
 import pytest
+
+# cnnzoo's own `pytest` collects these too; without JAX there is nothing to test
+pytest.importorskip("jax", reason="the flax plugin's framework is not installed")
+import numpy as np
 import torch
 from cnnzoo_flax.model import PARAMS, build_model
 from cnnzoo_flax.weights import get_weights, set_weights
-from conftest import images
+from flax_helpers import images
 
 import architectures
 from cnnzoo.conformance import toy_spec
