@@ -19,8 +19,10 @@ synthetic images.
   torch a plain loop (SGD, ``zero_grad(set_to_none=True)``), NCHW and channels-last;
   Keras a ``tf.function`` train step (GradientTape, the model's L2 losses, SGD); MXNet
   ``autograd.record`` + ``Trainer.step`` on the block hybridized with
-  ``static_alloc=True, static_shape=True``. Threads: every physical core, set explicitly
-  (and, for LeNet-5, also the framework's default count: the faster one is the baseline).
+  ``static_alloc=True, static_shape=True``; an outside backend's package names its own loop
+  (entry point group ``cnnzoo.bench_loops``), which runs on its backend's devices. Threads:
+  every physical core, set explicitly (and, for LeNet-5, also the framework's default count:
+  the faster one is the baseline).
   One repetition is ``steps`` batches, timed to the end of the last step's computation.
 """
 from __future__ import annotations
@@ -198,7 +200,6 @@ def handwritten(args: dict) -> list[Row]:
                                  "(python -m bench.gpu measures torch on a GPU)")
             timings = BUILT_IN_LOOPS[args["backend"]](build, x, y, args, product_epoch)
         else:  # an installed plugin's own loop, on its backend's devices
-
             def backend_and_model():
                 model = build()
                 return made["backend"], model

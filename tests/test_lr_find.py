@@ -24,11 +24,11 @@ from cnnzoo.app.lr_find import (
     steepest_descent,
 )
 from cnnzoo.conformance import compose, small_run
-from cnnzoo.core.backend import usable_backends
+from cnnzoo.core.backend import backend_info, usable_backends
 from cnnzoo.core.errors import RunFailed
 
 BACKENDS = usable_backends()
-FRAMEWORK_MODULES = {"torch", "tensorflow", "keras", "mxnet"}
+FRAMEWORK_MODULES = {"torch", "tensorflow", "keras", "mxnet", "jax"}
 
 
 # --------------------------------------------------------------------------- the rules
@@ -105,7 +105,7 @@ def test_lr_find_suggests_a_rate_writes_its_files_and_stops_when_the_loss_explod
     r = run_cli(tmp_path / "run", "task=lr_find", f"backend={backend}", "lr_find.num_steps=60",
                 "lr_find.max_lr=1000")
     assert r.returncode == 0, r.stderr[-3000:]
-    only_its_own = {"tensorflow", "keras"} if backend == "keras" else {backend}
+    only_its_own = FRAMEWORK_MODULES & set(backend_info(backend).modules)
     assert r.frameworks & FRAMEWORK_MODULES == only_its_own, r.frameworks
     out = json.loads((r.run_dir / "lr_find.json").read_text())
     with open(r.run_dir / "lr_find.csv") as f:

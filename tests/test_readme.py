@@ -76,8 +76,9 @@ NOT_RUN = {
         "tests/test_verify_matrix.py::test_verify_lenet5_passes_in_every_backend_and_onnx runs "
         "it on a Caffe model",
     'python3.11 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e '
-    '".[all,test]" && python run.py': ".ci/run installs this way in a fresh virtualenv, then runs "
-                                      "the test suite; python run.py is checked above",
+    '".[all,test]" -e "plugins/cnnzoo-flax[jax]" && python run.py':
+        ".ci/run installs this way in a fresh virtualenv, then runs the test suite; python run.py "
+        "is checked above",
     "pytest": ".ci/run runs it",
     'pip install -e ".[torch]"': ".ci/run installs the PyTorch extra alone in a second virtualenv",
     "pip install --no-deps -e .": "for a machine with its own torch (the GPU check, "
@@ -155,7 +156,8 @@ def test_every_readme_command_is_checked():
 
 def test_ci_installs_and_tests_as_the_readme_says():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -c constraints.txt -e ".[all,test]"' in ci and "\npytest" in ci
+    assert 'pip install -c constraints.txt -e ".[all,test]" -e "plugins/cnnzoo-flax[jax]"' in ci
+    assert "\npytest" in ci
     assert '-e ".[torch,test]"' in ci
 
 
