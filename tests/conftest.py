@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from cnnzoo.conformance import toy_spec  # noqa: F401  (the tests' small all-layer-types spec)
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("torch", "tensorflow", "keras", "mxnet", "jax", "pytorch_lightning", "onnx")
+FRAMEWORKS = ("torch", "tensorflow", "keras", "mxnet", "pytorch_lightning", "onnx")
 
 # Runs run.py as a user would, then reports which frameworks the process imported.
 _PROBE = (

@@ -263,7 +263,9 @@ def test_a_mistaken_command_on_a_finished_run_is_one_line_and_changes_nothing(ca
     # damaged copies of another finished run, for task=eval to read
     other, ckpt = _copy(run, tmp_path, "other"), _copy(run, tmp_path, "ckpt")
     (other / "config.yaml").write_text("arch: [unclosed\n")
-    next((ckpt / "checkpoints" / "epoch-0001").glob("model.*")).write_bytes(b"\0")
+    # the epoch folder's largest file: the backend's model state, whatever its name
+    max((ckpt / "checkpoints" / "epoch-0001").iterdir(), key=lambda f: f.stat().st_size
+        ).write_bytes(b"\0")
     overrides, pattern = CONFIG_CASES[case]
     paths = {"{run}": str(run), "{other}": str(other), "{ckpt}": str(ckpt)}
     for name, path in paths.items():

@@ -68,7 +68,7 @@ def pooling_spec() -> S.Spec:
     (4, 2, 2, 0, False, True),
 ])
 def test_the_rounding_chosen_gives_the_specs_windows(size, k, s, p, ceil_mode, expected):
-    spec_out = S._window(size, k, s, p, ceil_mode=ceil_mode)
+    spec_out = S.window_count(size, k, s, p, ceil_mode=ceil_mode)
     ceil = pool_ceil_mode((spec_out, spec_out), (size, size), (k, k), (s, s), (p, p), "pool")
     assert ceil is expected
     assert caffe_pool_size(size, k, s, p, ceil) == spec_out
@@ -76,7 +76,7 @@ def test_the_rounding_chosen_gives_the_specs_windows(size, k, s, p, ceil_mode, e
 
 def test_the_window_outside_the_input_is_dropped_in_caffes_ceil_mode_only_with_padding():
     assert caffe_pool_size(5, 1, 3, 0, True) == 3      # Caffe keeps a window at 6 > 5
-    assert S._window(5, 1, 3, 0, ceil_mode=True) == 2  # the spec (PyTorch) drops it
+    assert S.window_count(5, 1, 3, 0, ceil_mode=True) == 2  # the spec (PyTorch) drops it
     assert caffe_pool_size(5, 2, 2, 1, True) == 3      # with padding Caffe drops it too
 
 

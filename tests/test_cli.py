@@ -248,9 +248,9 @@ def _spec(arch: str, extra: tuple):
     return architectures.build_spec(arch, **({"aux_logits": True} if extra else {}))
 
 
-# this package's backends: the sweep takes minutes per backend (Flax's XLA compiles of the
-# eleven training steps nine on 2 cores); an outside plugin proves its architectures in its own
-# tests (plugins/cnnzoo-flax/tests: parameter counts, logits, ONNX)
+# this package's backends: the sweep takes minutes per backend (Flax's, XLA compiling eleven
+# training steps, took nine on 2 cores); an outside plugin proves its architectures in its own
+# tests (plugins/cnnzoo-flax/tests: parameter counts, logits against torch, ONNX)
 @pytest.fixture(scope="module", params=[n for n in usable_backends()
                                         if backend_info(n).implementation.startswith("runners.")])
 def every_architecture(request, tmp_path_factory):

@@ -10,7 +10,7 @@ from conftest import compose_cfg, toy_spec
 import architectures
 from cnnzoo.app.crosscheck import randomize_batch_norm, shared_weights
 from cnnzoo.app.validate import validate
-from cnnzoo.core.backend import load_backend
+from cnnzoo.core.backend import load_backend, usable_backends
 from cnnzoo.core.errors import ConfigError
 from cnnzoo.core.weights import (
     WeightsError,
@@ -21,6 +21,8 @@ from cnnzoo.core.weights import (
 )
 
 BACKENDS = ("torch", "keras", "mxnet")
+# what task=verify compares: every installed backend, the reference (torch) first
+VERIFIED = ("torch", *sorted(set(usable_backends()) - {"torch"}))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +223,7 @@ def test_verify_lenet5_passes_in_every_backend_and_onnx(cli, tmp_path):
     assert report["passed"] and report["reference"] == "torch"
     assert report["weights"] == str(caffe["prototxt"])
     rows = report["rows"]
-    assert [(x["arch"], x["backend"]) for x in rows] == [("lenet5", b) for b in BACKENDS]
+    assert [(x["arch"], x["backend"]) for x in rows] == [("lenet5", b) for b in VERIFIED]
     for row in rows:
         assert row["passed"] and row["native_params"] == row["spec_params"] == 61_706
         assert row["onnx_vs_native"]["passed"] and row["opset"] == 18
@@ -257,9 +259,10 @@ def test_matrix_over_two_architectures(cli):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _report(r.run_dir)["rows"]
     assert [(x["arch"], x["input_size"], x["backend"]) for x in rows] == [
-        (a, s, b) for a, s in (("lenet5", 32), ("resnet50", 1)) for b in BACKENDS]
+        (a, s, b) for a, s in (("lenet5", 32), ("resnet50", 1)) for b in VERIFIED]
     table = [ln for ln in (r.run_dir / "verification.md").read_text().splitlines()
              if ln.startswith("| ") and not ln.startswith("| architecture")]
-    assert len(table) == 6 and all(ln.endswith("| pass |") for ln in table)
-    assert table[3].startswith("| resnet50 | 1 | torch | 23,528,522 | 23,528,522 | reference |")
+    assert len(table) == 2 * len(VERIFIED) and all(ln.endswith("| pass |") for ln in table)
+    assert table[len(VERIFIED)].startswith(
+        "| resnet50 | 1 | torch | 23,528,522 | 23,528,522 | reference |")
     assert all(not p.name.endswith(".onnx") for p in r.run_dir.iterdir())  # keep_onnx=false
