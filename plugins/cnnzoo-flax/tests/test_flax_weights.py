@@ -13,27 +13,23 @@ from cnnzoo_flax.weights import get_weights, set_weights
 from flax_helpers import images
 
 import architectures
+from cnnzoo.app.crosscheck import randomize_batch_norm
 from cnnzoo.conformance import toy_spec
 from cnnzoo.core.errors import WeightsError
 from cnnzoo.core.weights import expected_shapes
 from runners.torch.model import SpecModule
 from runners.torch.weights import get_weights as torch_weights
+from runners.torch.weights import set_weights as set_torch_weights
 
 RTOL = 1e-4  # of the largest logit
 
 
 def randomized_torch(spec, size, seed=0) -> SpecModule:
-    """A torch model in eval mode whose batch norms have non-trivial statistics and affine."""
+    """A torch model in eval mode whose batch norms have non-trivial statistics and affine
+    (``randomize_batch_norm``, as task=verify makes them)."""
     torch.manual_seed(seed)
     net = SpecModule(spec, size).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    set_torch_weights(net, randomize_batch_norm(torch_weights(net), seed))
     return net
 
 
