@@ -31,11 +31,13 @@ def avg_divisors(size: int, k: int, s: int, p: int, out: int,
     return divisors
 
 
-def adaptive_bins(size: int, out: int) -> list[list[float]]:
-    """(out, size) averaging matrix of PyTorch's adaptive pooling along one axis: bin i spans
+def adaptive_bin_ranges(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive-pooling bins along one axis: bin i spans
     [floor(i * size / out), ceil((i + 1) * size / out))."""
-    rows = []
-    for i in range(out):
-        lo, hi = (i * size) // out, -((-(i + 1) * size) // out)
-        rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(size)])
-    return rows
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_bins(size: int, out: int) -> list[list[float]]:
+    """(out, size) averaging matrix of ``adaptive_bin_ranges``."""
+    return [[1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(size)]
+            for lo, hi in adaptive_bin_ranges(size, out)]

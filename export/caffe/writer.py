@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from architectures import spec as S
+from architectures.geometry import adaptive_bins
 from cnnzoo.core.errors import ExportError
 
 from . import cnnzoo_caffe_pb2 as pb
@@ -74,16 +75,6 @@ def caffe_avg_divisors(n: int, k: int, s: int, p: int, out: int) -> tuple[np.nda
     padded = np.minimum(start + k, n + p) - start
     real = np.minimum(start + k, n) - np.maximum(start, 0)
     return padded.astype(np.float64), real.astype(np.float64)
-
-
-def adaptive_matrix(n: int, out: int) -> np.ndarray:
-    """AdaptiveAvgPool along one axis as an (out, n) matrix: window i averages
-    [floor(i n / out), ceil((i + 1) n / out))."""
-    m = np.zeros((out, n))
-    for i in range(out):
-        a, b = (i * n) // out, -((-(i + 1) * n) // out)
-        m[i, a:b] = 1.0 / (b - a)
-    return m
 
 
 # --------------------------------------------------------------------------- the network
@@ -136,7 +127,7 @@ def _folds(spec: S.Spec, analysis: S.Analysis,
                               f"{oh}x{ow} has no Caffe equivalent here (no dense layer reads it "
                               "through Flatten); export at an input size whose feature map there "
                               f"is a multiple of {oh}x{ow}")
-        per_channel = np.kron(adaptive_matrix(ih, oh), adaptive_matrix(iw, ow))
+        per_channel = np.kron(np.asarray(adaptive_bins(ih, oh)), np.asarray(adaptive_bins(iw, ow)))
         folds[dense[0].name] = (per_channel, c)
     return folds
 

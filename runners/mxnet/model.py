@@ -31,6 +31,7 @@ from mxnet import autograd, gluon  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
 from architectures import spec as S  # noqa: E402
+from architectures.geometry import adaptive_bin_ranges  # noqa: E402
 
 
 def key(name: str) -> str:
@@ -94,10 +95,6 @@ class AdaptiveAvgPool(gluon.HybridBlock):
         super().__init__(**kwargs)
         self.in_hw, self.out_hw = tuple(in_hw), tuple(out_hw)
 
-    @staticmethod
-    def bins(n: int, out: int) -> list[tuple[int, int]]:
-        return [(i * n // out, -(-(i + 1) * n // out)) for i in range(out)]
-
     def hybrid_forward(self, F, x):
         if self.in_hw == self.out_hw:
             return F.identity(x)
@@ -108,7 +105,7 @@ class AdaptiveAvgPool(gluon.HybridBlock):
             if n == out:
                 continue
             parts = []
-            for a, b in self.bins(n, out):
+            for a, b in adaptive_bin_ranges(n, out):
                 kernel = (b - a, 1) if axis == 2 else (1, b - a)
                 parts.append(F.Pooling(F.slice_axis(x, axis=axis, begin=a, end=b),
                                        kernel=kernel, pool_type="avg"))
