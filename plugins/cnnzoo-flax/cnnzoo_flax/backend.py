@@ -98,7 +98,6 @@ class FlaxBackend(Backend):
         if hw.threads:
             _limit_threads(hw.threads * (1 if hw.devices == -1 else hw.devices))
         self.devices = self._devices()
-        self.device = self.devices[0]  # its platform names the run's in results.json
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.split = NamedSharding(self.mesh, PartitionSpec("data"))

@@ -1,5 +1,5 @@
 """task=lr_find's steps (``Backend.lr_range_test``): the training loop's own jitted step
-(``train.Steps``: its loss and the configured optimizer) on the training device, with the
+(``train.Steps``: its loss and the configured optimizer) on the training devices, with the
 schedule's rate replaced by each rate of the test."""
 from __future__ import annotations
 

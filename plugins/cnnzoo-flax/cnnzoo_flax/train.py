@@ -176,7 +176,7 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
         protocol.close()
     names = [f"{d.platform}:{d.id}" for d in backend.devices]
     return protocol.report({"device": ", ".join(names), "replicas": len(names),
-                            "platform": backend.device.platform},
+                            "platform": backend.devices[0].platform},
                            checkpoint=resume.file(checkpoint.STATE_FILE) if resume else None)
 
 
