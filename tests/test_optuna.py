@@ -8,11 +8,13 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -53,19 +55,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def completed_trials(db: Path) -> int:
+    """COMPLETE trials in an Optuna SQLite file, read without creating anything: optuna's
+    load_study would create the schema, and one created at the moment the sweeper creates it
+    kills the sweeper (sqlite3.IntegrityError on alembic_version)."""
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # the sweeper has not made its tables yet
+        return 0
+
+
 def test_a_study_resumes_after_a_kill_without_losing_or_repeating_trials(tmp_path):
     sweep = tmp_path / "optuna"
     storage = f"sqlite:///{sweep}/study.db"
-    proc = subprocess.Popen(sweep_cmd(sweep, storage, 4), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(sweep_cmd(sweep, storage, 4), cwd=ROOT, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-        try:
-            if len(trials(storage, TrialState.COMPLETE)) >= 2:
-                break
-        except Exception:  # noqa: BLE001  the study or its tables may not exist yet
-            continue
+        if completed_trials(sweep / "study.db") >= 2:
+            break
+    assert proc.poll() is None, f"the sweep ended before it was killed:\n{log.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-sweep
     proc.wait()
     assert 2 <= len(trials(storage, TrialState.COMPLETE)) < 4
