@@ -109,9 +109,10 @@ def backend_config(cfg: DictConfig, name: str) -> DictConfig:
 
 
 def shared_weights(cfg: DictConfig, spec, input_size: int) -> dict | None:
-    """The user's ``verify.weights``, checked against the spec (None: seeded init): a neutral
-    ``.npz``, or a Caffe model (its ``.prototxt`` and the ``.caffemodel`` of the same name)."""
-    from ..core.weights import check_weights, expected_shapes, load_weights
+    """The user's ``verify.weights``, checked against the spec (None: seeded init): a zoo
+    model or a weights file (``cnnzoo.core.zoo``), or a Caffe model (its ``.prototxt`` and the
+    ``.caffemodel`` of the same name)."""
+    from ..core.zoo.load import import_weights
 
     if cfg.verify.weights is None:
         return None
@@ -121,13 +122,16 @@ def shared_weights(cfg: DictConfig, spec, input_size: int) -> dict | None:
             from export.caffe.reader import caffe_weights
             prototxt = path.with_suffix(".prototxt")
             return caffe_weights(prototxt, prototxt.with_suffix(".caffemodel"), spec, input_size)
-        weights = load_weights(path)
-        check_weights(weights, expected_shapes(spec, input_size),
-                      f"the weights of {cfg.verify.weights}")
+        imported = import_weights(cfg.verify.weights, spec, input_size,
+                                  options=OmegaConf.to_container(cfg.arch.options)
+                                  if cfg.arch.get("options") else {})
+        if imported.reinitialised:
+            raise WeightsError(f"their classifier has another class count than the model's "
+                               f"{spec.num_classes}: set arch.num_classes to theirs")
     except WeightsError as err:
         raise ConfigError(f"verify.weights={cfg.verify.weights}: {err} ({spec.name} at "
                           f"input_size {input_size}, {spec.num_classes} classes)") from None
-    return weights
+    return imported.weights
 
 
 def randomize_batch_norm(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -155,6 +159,30 @@ def _pair(a: np.ndarray, b: np.ndarray, vc) -> dict:
     return {**asdict(comparison), "passed": report.passed}
 
 
+def _node_outputs(backend, model, images) -> dict | str:
+    """Every node's output, or why the backend cannot give them."""
+    try:
+        return backend.node_outputs(model, images)
+    except NotImplementedError as err:
+        return str(err)
+
+
+def _layer_report(backend, model, images, reference_nodes, spec, vc) -> dict:
+    """``verify.layers``: this backend's node outputs against the reference's, node by node
+    (export.layer_report): the first that differs, and the tolerance that would pass it."""
+    from export.layer_report import compare_layers
+
+    mine = _node_outputs(backend, model, images)
+    missing = next((x for x in (reference_nodes, mine) if isinstance(x, str)), None)
+    if missing:
+        return {"error": missing, "line": f"layer report: {missing}"}
+    report = compare_layers(mine, reference_nodes, [n.name for n in spec.nodes], vc.atol,
+                            vc.rtol)
+    line = report.line(backend.name, vc.reference)
+    print(f"    {line}", flush=True)
+    return {**report.as_dict(), "line": line}
+
+
 def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None) -> list[dict]:
     """One row per backend for one architecture (``name``; None: the configured arch)."""
     from export import export_and_verify, export_caffe
@@ -176,13 +204,13 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
                                    "atol": vc.atol, "rtol": vc.rtol,
                                    "min_top1_agreement": vc.min_top1_agreement})
     metadata = exp.export_metadata(vc.reference, package_versions())
-    rows, reference = [], None
+    rows, reference, reference_nodes = [], None, None
     for backend_name in order:
         t0 = time.perf_counter()
         row = {"arch": spec.name, "input_size": size, "backend": backend_name,
                "reference": backend_name == vc.reference, "spec_params": analysis.params,
                "native_params": None, "native_vs_reference": None, "onnx_vs_native": None,
-               "caffe_vs_native": None,
+               "caffe_vs_native": None, "layers_vs_reference": None,
                "opset": None, "max_abs_logit": None, "error": None}
         try:
             bcfg = backend_config(acfg, backend_name)
@@ -197,8 +225,12 @@ def verify_arch(cfg: DictConfig, run_dir: Path, onnx_dir: Path, name: str | None
             row["max_abs_logit"] = float(np.abs(native).max())
             if backend_name == vc.reference:
                 reference = native
+                reference_nodes = _node_outputs(backend, model, images) if vc.layers else None
             elif reference is not None:
                 row["native_vs_reference"] = _pair(native, reference, vc)
+                if reference_nodes is not None:
+                    row["layers_vs_reference"] = _layer_report(
+                        backend, model, images, reference_nodes, spec, vc)
             out = onnx_dir / f"{spec.name}-{backend_name}.onnx"
             block, _ = export_and_verify(backend, model, images, export_cfg, out,
                                          {**metadata, "backend": backend_name},
@@ -269,7 +301,9 @@ def failures(rows: list[dict], reference: str) -> list[str]:
         if native is None and not r["reference"]:
             lines.append(f"{what}: no native comparison: the {reference} reference failed")
         if native and not native["passed"]:
-            lines.append(f"{what}: native vs {reference} native: {_why(native)}")
+            layers = r.get("layers_vs_reference")
+            lines.append(f"{what}: native vs {reference} native: {_why(native)}"
+                         + (f"; {layers['line']}" if layers else ""))
         for fmt, block in (("ONNX", onnx), ("Caffe", caffe)):
             for name, runtime in (block or {}).get("runtimes", {}).items():
                 if not runtime["passed"]:

@@ -155,6 +155,7 @@ def summary(cfg: DictConfig, run_dir: Path, build_native: bool):
 
 def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     from ..core.checkpoints import weights_sha256
+    from .pretrained import apply_pretrained, read_pretrained
     from .report import plot_curves, print_config, print_summary
     from .resume import prepare_run_dir, resume_point
 
@@ -165,7 +166,12 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     exp = prepare(cfg)
     dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
     train_split, val_split = exp.train_split, exp.val_split
+    pretrained = read_pretrained(cfg, spec) if resume is None else None
     backend, model, native_params = build_model(cfg, run_dir, exp)
+    if pretrained is not None:
+        pretrained = apply_pretrained(backend, model, pretrained, spec.num_classes)
+    elif cfg.finetune.weights is not None:  # resumed: the checkpoint holds them, trained on
+        pretrained = {"weights": str(cfg.finetune.weights), "applied": "when the run started"}
     reporter = trial_reporter(cfg, hydra_cfg)  # an Optuna trial with a pruner: each epoch
     if reporter is not None:
         backend.epoch_end_hooks.append(reporter)
@@ -189,6 +195,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     results = {**_base_results(cfg, analysis), "native_params": native_params,
                "seed": cfg.seed, "overrides": overrides,
                "resumed_from_epoch": resume.epoch if resume else None,
+               "pretrained": pretrained,
                "weights_sha256": weights_sha256(backend.get_weights(model)),
                "hardware": {**OmegaConf.to_container(cfg.hardware), **report.extra},
                "optim": report.optim,

@@ -29,6 +29,7 @@ from ..core.rules import (
     optional,
     problems,
 )
+from ..core.zoo.files import FORMATS as WEIGHT_FORMATS
 
 TASKS = ("train", "summary", "eval", "predict", "verify", "lr_find")
 ACCELERATORS = ("auto", "cpu", "gpu")
@@ -111,13 +112,17 @@ def _rules(cfg: DictConfig):
         "export.num_images": pos_int,
         "verify.reference": Rule(lambda v: isinstance(v, str), lambda v: v != "", "a backend name"),
         "verify.weights": optional(Rule(lambda v: isinstance(v, str), lambda v: v.strip() != "",
-                                    "the path of a weights .npz or a Caffe .prototxt")),
+                                    "a zoo model, a weights file or a Caffe .prototxt")),
+        "finetune.weights": optional(Rule(lambda v: isinstance(v, str), lambda v: v.strip() != "",
+                                      "a zoo model (torchvision:resnet50) or a weights file")),
+        "finetune.format": optional(one_of(WEIGHT_FORMATS)),
         "verify.input_size": optional(pos_int),
         "verify.num_images": pos_int,
         "verify.atol": nonneg_num,
         "verify.rtol": nonneg_num,
         "verify.min_top1_agreement": PROBABILITY,
         "verify.keep_onnx": BOOLEAN,
+        "verify.layers": BOOLEAN,
         **_lr_find_rules(cfg),
     }
     for key in ("momentum", "alpha"):  # optimizer-specific keys, checked where present

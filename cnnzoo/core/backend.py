@@ -181,6 +181,13 @@ class Backend(abc.ABC):
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         """Logits for a batch, in inference mode on the CPU in float32."""
 
+    def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every spec node's output for ``images`` in inference mode on the CPU, float32,
+        channels first ((N, C, H, W) or (N, features)), keyed by node name: what the layer
+        report of ``task=verify`` (``verify.layers``) compares. Optional: a backend that
+        cannot give them leaves this as it is and the report says so."""
+        raise NotImplementedError(f"backend {self.name} gives no per-layer outputs")
+
     @abc.abstractmethod
     def load_checkpoint(self, model, path: Path) -> None:
         """Read the weights of a checkpoint file that ``train`` wrote into ``model``

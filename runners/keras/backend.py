@@ -189,6 +189,16 @@ class KerasBackend(Backend):
             out = self._inference_of(model).call(tf.constant(to_nhwc(images)))
         return np.asarray(out, dtype=np.float32)
 
+    def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
+        spec = self._built[id(model)][0]
+        names = [n.name for n in spec.nodes if n.name not in spec.aux_outputs]
+        names = [n for n in names if n in {layer.name for layer in model.layers}]
+        probe = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])
+        with tf.device("/cpu:0"):
+            outs = probe(tf.constant(to_nhwc(images)), training=False)
+        return {n: np.asarray(np.transpose(o, (0, 3, 1, 2)) if len(o.shape) == 4 else o,
+                              dtype=np.float32) for n, o in zip(names, outs)}
+
     # ---------------------------------------------------------------- weights
     def get_weights(self, model) -> dict[str, np.ndarray]:
         return canonical.get_weights(model, self._built[id(model)][0])

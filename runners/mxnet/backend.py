@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from architectures import spec as S
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.errors import ConfigError
 
@@ -105,6 +106,14 @@ class MXNetBackend(Backend):
     def predict(self, model, images: np.ndarray) -> np.ndarray:
         x = self.mx.nd.array(images, ctx=self.mx.cpu(), dtype=np.float32)
         return model.logits(x).asnumpy()
+
+    def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
+        graph = model.inference_graph
+        values = {S.INPUT: self.mx.nd.array(images, ctx=self.mx.cpu(), dtype=np.float32)}
+        with self.mx.autograd.predict_mode():
+            for k, name, inputs in graph._plan:
+                values[name] = graph._children[k](*[values[i] for i in inputs])
+        return {k: v.asnumpy() for k, v in values.items() if k != S.INPUT}
 
     # ---------------------------------------------------------------- weights and files
     def get_weights(self, model) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from lightning_fabric.utilities.seed import seed_everything
 
+from architectures import spec as S
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.training import TrainReport
 
@@ -107,6 +108,14 @@ class TorchBackend(Backend):
         model = model.cpu().float().eval()
         with torch.inference_mode():
             return model(torch.from_numpy(images)).numpy()
+
+    def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
+        model = model.cpu().float().eval()
+        values = {S.INPUT: torch.from_numpy(images)}
+        with torch.inference_mode():
+            for key, name, inputs, _ in model._eval_plan:
+                values[name] = model.layers[key](*[values[i] for i in inputs])
+        return {k: v.numpy() for k, v in values.items() if k != S.INPUT}
 
     def save_checkpoint(self, model, path: Path) -> None:
         """The model's weights alone (``state.save_weights``), readable by ``load_checkpoint``."""

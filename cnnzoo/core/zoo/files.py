@@ -2,6 +2,7 @@
 bytes cannot: a torch file and an .npz are both zip archives), and its tensors."""
 from __future__ import annotations
 
+import importlib
 import zipfile
 from pathlib import Path
 
@@ -46,22 +47,26 @@ def read_tensors(path: Path, fmt: str | None = None) -> tuple[str, dict[str, np.
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist: give the path of a weights "
-                           "file or a zoo model's name (python run.py task=zoo lists them)")
-    fmt = fmt or detect(path)
-    if fmt not in FORMATS:
+                           "file or a zoo model's name (README, \"Pretrained weights\")")
+    if fmt is not None and fmt not in FORMATS:
         raise WeightsError(f"unknown weights format '{fmt}': use one of {', '.join(FORMATS)}")
     try:
+        fmt = fmt or detect(path)
         return fmt, _reader(fmt)(path)
     except WeightsError:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise WeightsError(f"{path}: cannot read it as {fmt} ({type(err).__name__}: {err}); "
-                           "the file is damaged or truncated: download it again") from None
+        raise WeightsError(f"{path}: cannot read it as {fmt or 'weights'} "
+                           f"({type(err).__name__}: {err}); the file is damaged or truncated: "
+                           "replace it") from None
 
 
 def _reader(fmt: str):
-    from .formats import gluon_params, keras_h5, safetensors, torch_pickle
-
-    from ..weights import load_weights
-    return {"pth": torch_pickle.read, "safetensors": safetensors.read, "h5": keras_h5.read,
-            "params": gluon_params.read, "npz": load_weights}[fmt]
+    """The format's ``read`` (its module imported only when used: h5py is not needed for a
+    torch file)."""
+    if fmt == "npz":
+        from ..weights import load_weights
+        return load_weights
+    module = {"pth": "torch_pickle", "safetensors": "safetensors", "h5": "keras_h5",
+              "params": "gluon_params"}[fmt]
+    return importlib.import_module(f"{__package__}.formats.{module}").read

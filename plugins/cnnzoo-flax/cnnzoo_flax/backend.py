@@ -161,6 +161,10 @@ class FlaxBackend(Backend):
         with jax.default_device(jax.devices("cpu")[0]):
             return model.predict(images)
 
+    def node_outputs(self, model: FlaxModel, images: np.ndarray) -> dict[str, np.ndarray]:
+        with jax.default_device(jax.devices("cpu")[0]):
+            return model.node_outputs(np.asarray(images, np.float32))
+
     # ---------------------------------------------------------------- weights and files
     def get_weights(self, model) -> dict[str, np.ndarray]:
         return canonical.get_weights(model)

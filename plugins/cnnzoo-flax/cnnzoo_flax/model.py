@@ -175,6 +175,9 @@ class SpecNet(nn.Module):
         for node in needed_nodes(spec, outputs):
             dtype = jnp.float32 if node.name in outputs else self.dtype
             values[node.name] = self.node(node, [values[i] for i in node.inputs], train, dtype)
+            # kept only when "intermediates" is mutable (node_outputs, the layer report); the
+            # prefix keeps the name apart from the node's own submodule scope
+            self.sow("intermediates", "output:" + node.name, values[node.name])
         logits = tuple(values[o].astype(jnp.float32) for o in outputs)
         return logits if len(logits) > 1 else logits[0]
 
@@ -247,6 +250,14 @@ class FlaxModel:
             self._jitted["predict"] = jax.jit(logits)
         out = self._jitted["predict"](self.variables, np.asarray(images, np.float32))
         return np.asarray(out, np.float32)
+
+    def node_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every node's output in inference mode, channels first (the layer report)."""
+        _, state = self.module.apply(self.variables, np.transpose(images, (0, 2, 3, 1)),
+                                     train=False, mutable=["intermediates"])
+        return {name.removeprefix("output:"): np.asarray(
+                    np.transpose(v[0], (0, 3, 1, 2)) if v[0].ndim == 4 else v[0], np.float32)
+                for name, v in state["intermediates"].items()}
 
 
 def build_model(spec: S.Spec, input_size: int, seed: int, dtype=jnp.float32) -> FlaxModel:

@@ -1,0 +1,39 @@
+"""``finetune.weights``: a training run that starts from pretrained weights (a zoo model or a
+weights file) instead of random ones.
+
+The weights are read and checked before anything is written (a wrong file changes nothing),
+and put into the freshly built model through the backend's canonical weights, so every backend
+takes them the same way; a resumed run takes its checkpoint instead."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..core.errors import WeightsError
+from ..core.zoo.load import Imported, import_weights
+
+
+def read_pretrained(cfg: DictConfig, spec) -> Imported | None:
+    """The configured ``finetune.weights`` as canonical weights for ``spec`` (None: none)."""
+    source = cfg.finetune.weights
+    if source is None:
+        return None
+    options = OmegaConf.to_container(cfg.arch.options) if cfg.arch.get("options") else {}
+    try:
+        return import_weights(str(source), spec, cfg.arch.input_size, cfg.finetune.format,
+                              options)
+    except WeightsError as err:
+        raise WeightsError(f"finetune.weights={source}: {err}") from None
+
+
+def apply_pretrained(backend, model, imported: Imported, num_classes: int) -> dict:
+    """Put ``imported`` into ``model`` (the rest keeps its initialisation); what results.json
+    records of it."""
+    weights = backend.get_weights(model)
+    weights.update(imported.weights)
+    backend.set_weights(model, weights)
+    source = imported.zoo_model or str(imported.path)
+    print(f"weights: {len(imported.weights)} tensors from {source} ({imported.fmt})"
+          + (f"; {', '.join(imported.reinitialised)} initialised anew for {num_classes} classes"
+             if imported.reinitialised else ""), flush=True)
+    return {"weights": source, "file": str(imported.path), "format": imported.fmt,
+            "reinitialised": imported.reinitialised}
