@@ -74,6 +74,7 @@ class Experiment:
 
 def prepare(cfg: DictConfig) -> Experiment:
     from ..core.data import Augment, DataError, Preprocess, load_dataset
+    from .pretrained import PREPROCESS_KEYS, weights_preprocessing
 
     dataset = load_dataset(cfg.data, cfg.seed)
     num_classes = cfg.arch.num_classes or dataset.num_classes
@@ -85,9 +86,11 @@ def prepare(cfg: DictConfig) -> Experiment:
                         "needs at least 2; add images of another class")
     spec = spec_of(cfg, num_classes)
     channels = cfg.arch.in_channels
+    pre = {**{k: cfg.data.get(k) for k in PREPROCESS_KEYS}, **weights_preprocessing(cfg)}
     preprocess = Preprocess(cfg.arch.input_size, channels,
-                            per_channel(cfg.data.mean, channels), per_channel(cfg.data.std, channels),
-                            cfg.data.interpolation, Augment(**cfg.data.get("augment", {})))
+                            per_channel(pre["mean"], channels), per_channel(pre["std"], channels),
+                            pre["interpolation"], Augment(**cfg.data.get("augment", {})),
+                            pre["channel_order"] or "RGB", pre["crop_fraction"])
     train_split, val_split = dataset.split(preprocess, cfg.data.val_fraction, cfg.seed,
                                            cfg.data.limit)
     budget = cfg.data.get("in_memory_mb", 0) << 20

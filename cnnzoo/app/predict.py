@@ -60,7 +60,9 @@ def load_model(path: Path):
         raise DataError(f"predict: {err}") from None
     pre = meta["preprocess"]
     preprocess = Preprocess(pre["resize"][0], pre["channels"], tuple(pre["mean"]),
-                            tuple(pre["std"]), pre["interpolation"])
+                            tuple(pre["std"]), pre["interpolation"],
+                            channel_order=pre.get("channel_order", "RGB"),
+                            crop_fraction=pre.get("crop_fraction"))
     return runner.run, preprocess, meta.get("class_names", [])
 
 

@@ -9,7 +9,22 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.errors import WeightsError
+from ..core.zoo import catalog
 from ..core.zoo.load import Imported, import_weights
+
+# the data.* keys of the preprocessing contract that pretrained weights come with
+PREPROCESS_KEYS = ("mean", "std", "channel_order", "crop_fraction", "interpolation")
+
+
+def weights_preprocessing(cfg: DictConfig) -> dict:
+    """The data.* preprocessing keys a zoo model's weights were trained with, which replace
+    the data config's (``finetune.preprocess: weights``); {} for a file or ``data``."""
+    source = cfg.get("finetune", {}).get("weights")
+    if source is None or cfg.finetune.preprocess != "weights" or \
+            not catalog.is_zoo_name(str(source)):
+        return {}
+    model = catalog.find(str(source))
+    return {k: model.preprocess[k] for k in PREPROCESS_KEYS if k in model.preprocess}
 
 
 def read_pretrained(cfg: DictConfig, spec) -> Imported | None:
@@ -18,6 +33,10 @@ def read_pretrained(cfg: DictConfig, spec) -> Imported | None:
     if source is None:
         return None
     options = OmegaConf.to_container(cfg.arch.options) if cfg.arch.get("options") else {}
+    pre = weights_preprocessing(cfg)
+    if pre:
+        print(f"preprocessing of {source}'s weights (finetune.preprocess=weights): "
+              + ", ".join(f"{k} {v}" for k, v in pre.items()), flush=True)
     try:
         return import_weights(str(source), spec, cfg.arch.input_size, cfg.finetune.format,
                               options)

@@ -5,13 +5,17 @@ Steps, in this order, on a batch at a time:
 1. scale to [0, 1] by the source's bit depth: uint8 / 255, uint16 / 65535; float images are
    taken as already in [0, 1];
 2. resize the whole image (no aspect-preserving crop) to ``size`` x ``size`` with Pillow's
-   ``interpolation`` filter, computed in float32 (``resize``);
+   ``interpolation`` filter, computed in float32 (``resize``); or, with ``crop_fraction``
+   (what pretrained weights from torchvision, timm and Gluon were evaluated with), resize the
+   shorter side to ``size / crop_fraction`` keeping the aspect ratio, then crop the centre
+   ``size`` x ``size``;
 3. convert channels to ``channels``: gray -> RGB by repetition, RGB -> gray by ITU-R 601 luma
    (0.299 R + 0.587 G + 0.114 B), RGBA -> RGB by dropping alpha. Reductions are applied before
    resizing and repetition after it: both are linear, so the order only saves work;
 4. training split only, optional augmentation (``Augment``): zero-pad then random crop back to
    ``size``, and/or horizontal flip; deterministic in (seed, epoch, image);
-5. normalise: ``(x - mean) / std`` per channel.
+5. normalise: ``(x - mean) / std`` per channel, after putting the channels in
+   ``channel_order`` (BGR for weights trained on Caffe-style inputs, Keras' "caffe" mode).
 
 Output: float32 (N, C, H, W). Backends with another layout transpose it themselves.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DataError
-from .resize import resize_batch
+from .resize import resize_batch, shorter_side_and_crop
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 _SCALE = {1: 255.0, 2: 65535.0}  # unsigned integer images: itemsize -> full scale
@@ -96,6 +100,8 @@ class Preprocess:
     std: tuple[float, ...]
     interpolation: str = "bilinear"
     augment: Augment = field(default_factory=Augment)
+    channel_order: str = "RGB"           # RGB or BGR (the normalised planes' order)
+    crop_fraction: float | None = None   # None: resize the whole image; else shorter side + crop
 
     @property
     def image_bytes(self) -> int:
@@ -134,6 +140,8 @@ class Preprocess:
         and normalisation."""
         if keys is not None and self.augment.enabled:
             self.augment(x, seed, epoch, keys)
+        if self.channel_order == "BGR" and x.shape[1] == 3:
+            x[:] = x[:, ::-1]
         x -= np.asarray(self.mean, np.float32)[:, None, None]
         x /= np.asarray(self.std, np.float32)[:, None, None]
         return x
@@ -149,7 +157,13 @@ class Preprocess:
         self.check_channels(c)
         if c > self.channels:  # reduce first: fewer planes to resize
             x = _luma(x) if self.channels == 1 else x[:, :3]
-        x = resize_batch(x, self.size, self.interpolation)
+        if self.crop_fraction is None:
+            x = resize_batch(x, self.size, self.interpolation)
+        else:
+            (rh, rw), (top, left) = shorter_side_and_crop(*x.shape[2:], self.size,
+                                                          self.crop_fraction)
+            x = resize_batch(x, (rh, rw), self.interpolation)
+            x = np.ascontiguousarray(x[:, :, top:top + self.size, left:left + self.size])
         if x.shape[1] < self.channels:  # gray -> RGB (or any count) by repetition
             x = np.repeat(x, self.channels, axis=1)
         return x
@@ -163,9 +177,14 @@ class Preprocess:
 
     def metadata(self) -> dict:
         """What a deployer needs to feed the model; goes into the ONNX metadata."""
+        crop = self.crop_fraction
         return {"resize": [self.size, self.size], "interpolation": self.interpolation,
+                "crop_fraction": crop,
                 "resize_method": "whole image (aspect ratio not kept), Pillow's filter, "
-                                 "in float32 after scaling",
+                                 "in float32 after scaling" if crop is None else
+                                 f"shorter side to int(size / {crop}) (aspect ratio kept), "
+                                 "Pillow's filter, in float32 after scaling, then the centre "
+                                 "size x size crop",
                 "channels": self.channels,
                 "channel_conversion": "gray->RGB: repeat; RGB->gray: 0.299 R + 0.587 G + "
                                       "0.114 B; RGBA->RGB: drop alpha; palette->RGB",
@@ -174,7 +193,8 @@ class Preprocess:
                 "order": "scale, channel reduction, resize, channel repetition, augmentation "
                          "(training only), normalise",
                 "mean": list(self.mean), "std": list(self.std),
-                "normalise": "(x - mean) / std, per channel", "channel_order": "RGB",
+                "normalise": "(x - mean) / std, per channel, in channel_order",
+                "channel_order": self.channel_order,
                 "augment": self.augment.metadata()}
 
 

@@ -61,19 +61,35 @@ def resize_matrix(in_size: int, out_size: int, interpolation: str) -> np.ndarray
     return m.astype(np.float32)
 
 
-def resize_batch(images: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-    """(N, C, H, W) float32 -> (N, C, size, size) float32; a no-op when already that size.
+def resize_batch(images: np.ndarray, size: int | tuple[int, int], interpolation: str
+                 ) -> np.ndarray:
+    """(N, C, H, W) float32 -> (N, C, size, size) (or ``size`` = (height, width)) float32; a
+    no-op when already that size.
 
     Pillow resizes horizontally first, then vertically; so do we. Each pass is one large
     matrix product over the whole batch."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     n, c, h, w = images.shape
-    if w != size:
-        wx = resize_matrix(w, size, interpolation)
-        images = (images.reshape(-1, w) @ wx.T).reshape(n, c, h, size)
-    if h != size:
-        wy = resize_matrix(h, size, interpolation)
-        # (size, h) @ (h, N*C*size) in one product: bring H to the front and back
+    if w != out_w:
+        wx = resize_matrix(w, out_w, interpolation)
+        images = (images.reshape(-1, w) @ wx.T).reshape(n, c, h, out_w)
+    if h != out_h:
+        wy = resize_matrix(h, out_h, interpolation)
+        # (out_h, h) @ (h, N*C*out_w) in one product: bring H to the front and back
         cols = images.transpose(2, 0, 1, 3).reshape(h, -1)
-        images = (wy @ cols).reshape(size, n, c, size).transpose(1, 2, 0, 3)
+        images = (wy @ cols).reshape(out_h, n, c, out_w).transpose(1, 2, 0, 3)
     return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def shorter_side_and_crop(h: int, w: int, size: int, crop_fraction: float
+                          ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """torchvision's eval transform, ``Resize(floor(size / crop_fraction))`` then
+    ``CenterCrop(size)``: the resized (height, width), the shorter side at that length and the
+    longer one in proportion (truncated, as torchvision does), and the crop's (top, left)."""
+    short = int(size / crop_fraction)
+    if h <= w:
+        rh, rw = short, int(short * w / h)
+    else:
+        rh, rw = int(short * h / w), short
+    return (rh, rw), (int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)))
 

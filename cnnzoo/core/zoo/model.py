@@ -15,6 +15,9 @@ class ZooModel:
     checksum: str | None = None  # "sha256:<hex or prefix>", "md5:<hex>", "sha1:<hex>"
     options: dict = field(default_factory=dict)  # arch.options of a variant ({}: exact)
     num_classes: int = 1000
+    # the inputs its weights were trained on, as data.* keys: mean, std (of pixels in [0, 1]),
+    # channel_order, crop_fraction, interpolation
+    preprocess: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
