@@ -17,6 +17,7 @@ holds: it is refused like any other damage.
 """
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -40,21 +41,30 @@ class _Truncated(Exception):
 
 
 class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = memoryview(data), 0
+    """Reads a file front to back; the arrays' data straight into numpy (one copy)."""
 
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data):
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    @property
+    def pos(self) -> int:
+        return self.f.tell()
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
             raise _Truncated
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
+        return self.f.read(n)
 
     def unpack(self, fmt: str):
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
 
     def u64(self) -> int:
         return self.unpack("Q")[0]
+
+    def array(self, dtype: np.dtype, count: int) -> np.ndarray:
+        if self.pos + count * dtype.itemsize > self.size:
+            raise _Truncated
+        return np.fromfile(self.f, dtype=dtype, count=count)
 
 
 def _shape(r: _Reader, magic: int) -> tuple[int, ...] | None:
@@ -90,35 +100,34 @@ def _array(r: _Reader, index: int) -> np.ndarray:
         raise WeightsError(f"array {index} has MXNet type flag {flag}, which has no numpy type "
                            "(bfloat16?): cast the parameters to float32 before saving")
     dtype = np.dtype(_DTYPES[flag])
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = r.take(count * dtype.itemsize)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    values = r.array(dtype, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    return values if dtype.isnative else values.astype(dtype.newbyteorder("="))
 
 
-def parse(data: bytes) -> dict[str, np.ndarray]:
-    """The named arrays of an NDArray list file's bytes, in the file's order (an unnamed list:
-    named "0", "1", ...)."""
-    r = _Reader(data)
+def _parse(f, size: int) -> dict[str, np.ndarray]:
+    """The named arrays of an NDArray list file, in the file's order (an unnamed list: named
+    "0", "1", ...)."""
+    r = _Reader(f, size)
     try:
         magic, _reserved = r.u64(), r.u64()
         if magic != LIST_MAGIC:
             raise WeightsError(f"not an MXNet .params file (list magic 0x{magic:X}, expected "
                                f"0x{LIST_MAGIC:X})")
         count = r.u64()
-        if count > len(data):  # every array takes bytes: a count beyond them is garbage
+        if count > size:  # every array takes bytes: a count beyond them is garbage
             raise _Truncated
         arrays = [_array(r, i) for i in range(count)]
         n_names = r.u64()
         if n_names not in (0, count):
             raise ValueError(f"{n_names} names for {count} arrays")
-        names = [bytes(r.take(r.u64())).decode("utf-8") for _ in range(n_names)]
+        names = [r.take(r.u64()).decode("utf-8") for _ in range(n_names)]
     except _Truncated:
-        raise WeightsError(f"the .params file ends early (at byte {r.pos} of {len(data)}): it "
-                           "is truncated; download or save it again") from None
+        raise WeightsError(f"the .params file ends early (at byte {r.pos} of {size}): it is "
+                           "truncated; download or save it again") from None
     except (struct.error, UnicodeDecodeError) as err:
         raise ValueError(str(err)) from None
-    if r.pos != len(data):
-        raise ValueError(f"{len(data) - r.pos} bytes after the last name")
+    if r.pos != size:
+        raise ValueError(f"{size - r.pos} bytes after the last name")
     names = names or [str(i) for i in range(count)]
     if len(set(names)) != len(names):
         raise ValueError("a name occurs twice")
@@ -130,7 +139,8 @@ def read(path) -> dict[str, np.ndarray]:
     the dtype it was stored in."""
     path = Path(path)
     try:
-        return parse(path.read_bytes())
+        with open(path, "rb") as f:
+            return _parse(f, os.fstat(f.fileno()).st_size)
     except ValueError as err:  # WeightsError first: it is a ValueError too
         if isinstance(err, WeightsError):
             raise WeightsError(f"{path}: {err}") from None
