@@ -175,14 +175,14 @@ def to_canonical(tensors: dict[str, np.ndarray], spec: S.Spec,
 
 def _problem(spec, counts, unplaced, missing, mismatched) -> str:
     parts = []
-    if counts:
+    if counts:  # another network: its layers' shapes and names would only repeat that
         parts.append("; ".join(counts))
-    if mismatched:
+    elif mismatched:
         parts.append(f"shapes that do not fit: {_short(mismatched, 3)}")
     if unplaced:
-        parts.append(f"tensors that cannot be placed: {_short(unplaced)}")
+        parts.append(f"tensors that cannot be placed: {_short(unplaced, 4)}")
     if missing:
-        parts.append(f"{spec.name} parameters with nothing in the file: {_short(missing)}")
+        parts.append(f"{spec.name} parameters with nothing in the file: {_short(missing, 4)}")
     return (f"the Gluon file does not fit {spec.name} ({'; '.join(parts)}): give the Gluon "
             f"model zoo's file of {spec.name}, or the architecture the file was saved from")
 
