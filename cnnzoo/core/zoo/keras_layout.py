@@ -1,18 +1,17 @@
 """Keras' weights (keras.applications' files, read by ``formats.keras_h5``) <-> canonical weights.
 
-keras.applications names many layers itself (``conv2d_57``, ``batch_normalization_12``), numbered
-in the order the model's code creates them, so names cannot be mapped to the spec's nodes.
-Instead the file's layers and the spec's parametrised nodes are paired BY ORDER within each kind
-of Keras layer (a convolution with or without bias, a separable or depthwise convolution, a
-dense layer, a batch norm):
-
-- the spec's side is its node order, one unit per Keras layer: a depthwise convolution whose
-  only consumer is a 1x1 convolution is one ``SeparableConv2D`` (depthwise + pointwise);
-- the file's side is its creation order: a legacy file lists its layers in ``Model.layers``
-  order (the functional graph sorted by depth from the output), in which the layers Keras
-  numbered itself are put back into the order of their numbers, each family (``conv2d``,
-  ``conv2d_1``...) in the places its members hold. For keras.applications' VGG, Xception,
-  Inception-v3 and Inception-ResNet-v2 this is the spec's node order (the tests prove it).
+keras.applications names many layers itself (``conv2d_57``, ``batch_normalization_12``, numbered
+in the order the model's code creates them, from wherever Keras' counters stood), and Keras 3's
+``.weights.h5`` renames every layer after its class, numbered in ``Model.layers`` order
+(``conv2d``, ``conv2d_1``...). Names cannot be mapped to the spec's nodes; the order can. Both
+formats give the layers in ``Model.layers`` order, within each kind of layer at least: a legacy
+file lists them so, and a Keras 3 file's names sort so (``formats.keras_h5``). That order is
+Keras' depth sort of the functional graph, which ``keras_layer_order`` reproduces on the spec's
+graph (a depthwise convolution whose only consumer is a 1x1 convolution is one
+``SeparableConv2D``). The file's layers and the spec's parametrised nodes are then paired in
+that order within each kind of Keras layer: a convolution with or without bias, a separable or
+depthwise convolution, a dense layer, a batch norm. For keras.applications' VGG, Xception,
+Inception-v3 and Inception-ResNet-v2 the tests prove the pairing exact.
 
 Layouts: convolution kernels (kh, kw, in, out) -> OIHW; depthwise kernels (kh, kw, C, 1) ->
 (C, 1, kh, kw); dense kernels (in, out) -> (out, in), and the first dense layer after a
@@ -21,13 +20,12 @@ to the spec's (c, h, w); batch norm gamma, beta, moving_mean, moving_variance ->
 running_mean, running_var, where a batch norm without gamma (``scale=False``) is gamma = 1.
 
 ``from_canonical`` writes what ``Model.load_weights`` of the Keras model loads by position:
-the layers in ``Model.layers`` order (Keras' depth sort emulated on the spec's graph), named as
-Keras names layers itself (``conv2d``, ``conv2d_1``... in creation order), and a batch norm whose
-gamma is all ones without it (keras.applications' ``scale=False`` batch norms).
+the layers in ``Model.layers`` order, named as Keras names layers itself (``conv2d``,
+``conv2d_1``...), and a batch norm whose gamma is all ones without it (keras.applications'
+``scale=False`` batch norms).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,11 +39,10 @@ SEPARABLE, DEPTHWISE = "separable", "depthwise"
 # Keras' own name for a layer of each kind (the prefix of the names it numbers)
 _KERAS_NAME = {CONV: "conv2d", SEPARABLE: "separable_conv2d", DEPTHWISE: "depthwise_conv2d",
                DENSE: "dense", BATCHNORM: "batch_normalization"}
-_LABEL = {CONV: "convolution", SEPARABLE: "separable convolution",
-          DEPTHWISE: "depthwise convolution", DENSE: "dense layer", BATCHNORM: "batch norm"}
+_LABEL = {CONV: "convolutions", SEPARABLE: "separable convolutions",
+          DEPTHWISE: "depthwise convolutions", DENSE: "dense layers", BATCHNORM: "batch norms"}
 _BN = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
        ("running_var", "moving_variance"))
-_NUMBERED = re.compile(r"^(.*?)(?:_(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -166,32 +163,12 @@ def file_layers(tensors: dict[str, np.ndarray]) -> list[FileLayer]:
     return layers
 
 
-def creation_order(layers: list[FileLayer]) -> list[FileLayer]:
-    """The layers in the order Keras created them: each family of layers Keras numbered
-    (``conv2d``, ``conv2d_1``, ...) is put in the order of its numbers, in the places its
-    members hold; every other layer keeps its place."""
-    families: dict[str, list[int]] = {}
-    for i, layer in enumerate(layers):
-        families.setdefault(_NUMBERED.match(layer.name).group(1), []).append(i)
-    out = list(layers)
-    for places in families.values():
-        members = sorted((layers[i] for i in places), key=lambda la: _number(la.name))
-        for i, layer in zip(places, members):
-            out[i] = layer
-    return out
-
-
-def _number(name: str) -> int:
-    number = _NUMBERED.match(name).group(2)
-    return int(number) if number is not None else 0
-
-
 # --------------------------------------------------------------------------- to canonical
 def to_canonical(tensors: dict[str, np.ndarray], spec: S.Spec, input_size: int
                  ) -> dict[str, np.ndarray]:
     """The file's tensors (``"<layer>/<weight>"`` in the file's order) as canonical weights."""
-    units = spec_units(spec, input_size)
-    pairs = _pair(creation_order(file_layers(tensors)), units, spec)
+    units = keras_layer_order(spec, spec_units(spec, input_size))
+    pairs = _pair(file_layers(tensors), units, spec)
     analysis = spec.analyze(input_size)
     out: dict[str, np.ndarray] = {}
     for layer, unit in pairs:
@@ -212,7 +189,7 @@ def _pair(layers: list[FileLayer], units: list[Unit], spec: S.Spec
     for sig in dict.fromkeys([*by_kind_spec, *by_kind_file]):
         got, want = by_kind_file.get(sig, []), by_kind_spec.get(sig, [])
         if len(got) != len(want):
-            problems.append(f"{len(got)} {_label(sig)}s in the file, {len(want)} in "
+            problems.append(f"{_label(sig)}: {len(got)} in the file, {len(want)} in "
                             f"{spec.name}")
             unplaced += [la.name for la in got[len(want):]]
             missing += [u.nodes[-1] for u in want[len(got):]]
@@ -312,16 +289,14 @@ def from_canonical(weights: dict[str, np.ndarray], spec: S.Spec, input_size: int
         raise WeightsError(f"canonical weights of {spec.name} lack {len(missing)} key(s): "
                            f"{_names(missing)}")
     counts: dict[str, int] = {}
-    names = {}
-    for unit in units:  # Keras numbers the layers it names in creation (= node) order
-        base, n = _KERAS_NAME[unit.kind], counts.get(unit.kind, 0)
-        names[unit] = base if n == 0 else f"{base}_{n}"
-        counts[unit.kind] = n + 1
     analysis = spec.analyze(input_size)
     out: dict[str, np.ndarray] = {}
     for unit in keras_layer_order(spec, units):
+        base, n = _KERAS_NAME[unit.kind], counts.get(unit.kind, 0)
+        counts[unit.kind] = n + 1
+        name = base if n == 0 else f"{base}_{n}"
         for weight, value in _native(weights, unit, spec, analysis):
-            out[f"{names[unit]}/{weight}"] = np.ascontiguousarray(value, dtype=np.float32)
+            out[f"{name}/{weight}"] = np.ascontiguousarray(value, dtype=np.float32)
     return out
 
 

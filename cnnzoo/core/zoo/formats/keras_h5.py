@@ -10,10 +10,10 @@ Two formats, both read into tensors keyed ``"<layer>/<weight>"`` (``block1_conv1
   functional graph sorted by depth), their weights in Keras' legacy order (trainable first:
   kernel, bias; gamma, beta, moving_mean, moving_variance). Long lists are split into chunked
   attributes ``layer_names0``, ``layer_names1``... when they exceed HDF5's header limit;
-- Keras 3's ``.weights.h5``: ``layers/<layer>/vars/<i>`` with nothing naming a variable nor the
-  layers' order. Layers come in natural name order (``conv2d``, ``conv2d_1``, ...,
-  ``conv2d_10``: Keras numbers the layers it names itself in creation order), each variable
-  named from its place and shape as Keras creates them.
+- Keras 3's ``.weights.h5``: ``layers/<name>/vars/<i>``, where Keras names each layer after its
+  class, numbered in ``Model.layers`` order (``conv2d``, ``conv2d_1``, ..., ``conv2d_10``), and
+  nothing names a variable. Layers come in natural name order (so each class's layers in
+  ``Model.layers`` order), each variable named from its place and shape.
 
 ``write`` produces the legacy format, which ``keras.Model.load_weights("x.h5")`` loads by
 position: the tensors' order must be the model's ``Model.layers`` order.
@@ -39,14 +39,22 @@ _HEADER_LIMIT = 64512
 
 def read(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a Keras ``.h5`` / ``.weights.h5`` file, in the file's order."""
-    with h5py.File(path, "r") as f:
-        root = f
-        if "layer_names" not in _attr_names(f) and "model_weights" in f:
-            root = f["model_weights"]  # a whole model saved with Model.save("x.h5")
-        if "layer_names" in _attr_names(root):
-            return _read_legacy(root, path)
-        if isinstance(f.get("layers"), h5py.Group):
-            return _read_keras3(f["layers"])
+    try:
+        with h5py.File(path, "r") as f:
+            return _read(f, path)
+    except OSError as err:  # not HDF5, or a dataset cut off
+        raise WeightsError(f"{path}: cannot read it as HDF5 ({err}); the file is damaged or "
+                           "truncated: download it again") from None
+
+
+def _read(f: h5py.File, path: Path) -> dict[str, np.ndarray]:
+    root = f
+    if not _has_list(f, "layer_names") and "model_weights" in f:
+        root = f["model_weights"]  # a whole model saved with Model.save("x.h5")
+    if _has_list(root, "layer_names"):
+        return _read_legacy(root, path)
+    if isinstance(f.get("layers"), h5py.Group):
+        return _read_keras3(f["layers"])
     raise WeightsError(f"{path}: an HDF5 file, but not Keras weights (neither the 'layer_names' "
                        "of a legacy .h5 nor the 'layers' group of a Keras 3 .weights.h5)")
 
@@ -101,8 +109,8 @@ def _short(weight_name: str) -> str:
     return weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
-def _attr_names(obj) -> set[str]:
-    return set(obj.attrs.keys())
+def _has_list(obj, name: str) -> bool:
+    return name in obj.attrs or f"{name}0" in obj.attrs
 
 
 def _get_list(obj, name: str) -> list[str]:
