@@ -37,18 +37,34 @@ EVERY_BACKEND = "InceptionV3"  # the pair proved in every installed backend
 ATOL, RTOL = 1e-4, 1e-3
 
 
-def _randomize(model, seed: int = 0) -> None:
-    """Keras initialises batch norm to the identity and biases to zero, which would hide a
-    swapped statistic or a lost bias: draw them (kernels keep their random initialisation)."""
+def _randomize(model, images: np.ndarray, seed: int = 0) -> None:
+    """Weights under which every array matters and the logits depend on the image: Keras
+    initialises batch norm to the identity and biases to zero (which would hide a swapped
+    statistic or a lost bias), and through dozens of layers the signal fades below the biases.
+    So: biases, gamma and beta drawn; each batch norm's moving statistics set to its input's
+    statistics on the test images and six others (one training-mode pass with momentum 0), so
+    that it keeps the signal; a network without batch norm (VGG) gets He's kernel variance
+    instead of Glorot's."""
     rng = np.random.default_rng(seed)
     draws = {"gamma": lambda s: rng.uniform(0.5, 1.5, s), "beta": lambda s: rng.normal(0, 0.1, s),
-             "moving_mean": lambda s: rng.normal(0, 0.1, s),
-             "moving_variance": lambda s: rng.uniform(0.5, 1.5, s),
              "bias": lambda s: rng.normal(0, 0.1, s)}
+    norms = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
     for variable in model.weights:
-        draw = draws.get(variable.path.rsplit("/", 1)[-1])
-        if draw is not None:
-            variable.assign(draw(variable.shape).astype(np.float32))
+        kind = variable.path.rsplit("/", 1)[-1]
+        if kind in draws:
+            variable.assign(draws[kind](variable.shape).astype(np.float32))
+        elif kind.endswith("kernel") and not norms:
+            variable.assign(np.asarray(variable) * np.float32(np.sqrt(2)))
+    if norms:
+        for layer in norms:
+            layer.momentum = 0.0
+        others = rng.standard_normal((6, *images.shape[1:])).astype(np.float32)
+        model(np.concatenate([images, others]), training=True)
+        for layer in norms:
+            layer.momentum = 0.99
+            # a channel nearly constant over the images would amplify rounding ~30-fold
+            var = np.asarray(layer.moving_variance)
+            layer.moving_variance.assign(np.maximum(var, 0.5 * var.mean()))
 
 
 class Zoo:
@@ -62,12 +78,12 @@ class Zoo:
         self.model = getattr(keras.applications, name)(
             weights=None, include_top=True, input_shape=(self.size, self.size, 3),
             classifier_activation=None)
-        _randomize(self.model)
+        self.images = np.random.default_rng(1).standard_normal(
+            (2, 3, self.size, self.size)).astype(np.float32)
+        _randomize(self.model, self.images.transpose(0, 2, 3, 1))
         self.path = folder / f"{name}.h5"
         with h5py.File(self.path, "w") as f:
             legacy_h5_format.save_weights_to_hdf5_group(f, self.model)
-        self.images = np.random.default_rng(1).standard_normal(
-            (2, 3, self.size, self.size)).astype(np.float32)
         self.logits = self.run(self.model)
         self.build_s = time.perf_counter() - t0
 
@@ -105,12 +121,21 @@ def backends(tmp_path_factory):
     return get
 
 
-def _compare(out: np.ndarray, ref: np.ndarray, what: str) -> None:
+def _compare(out: np.ndarray, ref: np.ndarray, what: str, of_range: bool = False) -> None:
+    """Within |a-b| <= 1e-4 + 1e-3 |b| elementwise, or (``of_range``, between two frameworks)
+    within 1e-3 of the largest logit: with these weights Inception-v3 amplifies float32
+    rounding so much that its float32 and float64 logits differ by ~4e-4 of the largest (torch
+    measured), which makes an elementwise rule fail on near-zero logits."""
     diff = np.abs(out - ref)
+    tolerance = (RTOL * np.abs(ref).max() if of_range else ATOL + RTOL * np.abs(ref))
     rel = float((diff / np.maximum(np.abs(ref), 1e-12)).max())
-    print(f"\n{what}: max |a-b| {diff.max():.3g}, max rel {rel:.3g} (|logit| <= "
-          f"{np.abs(ref).max():.3g})")
-    assert np.all(diff <= ATOL + RTOL * np.abs(ref)), what
+    spread = float(np.abs(ref[0] - ref[1]).max())
+    print(f"\n{what}: max |a-b| {diff.max():.3g}, max rel {rel:.3g}, of the largest logit "
+          f"{diff.max() / np.abs(ref).max():.3g} (|logit| <= {np.abs(ref).max():.3g}, the two "
+          f"images' logits {spread:.3g} apart)")
+    # a proof only where the logits depend on the image far beyond the tolerance
+    assert spread > 10 * np.max(tolerance), what
+    assert np.all(diff <= tolerance), what
     assert np.array_equal(out.argmax(1), ref.argmax(1)), what
 
 
@@ -129,9 +154,18 @@ def test_keras_application_exact_in_cnnzoo(zoo, backends, name):
     _compare(backend.predict(model, z.images), z.logits,
              f"keras:{name} -> {z.spec.name} at {z.size} (Keras backend)")
     del model
-    # back: the canonical weights as a Keras .h5 loaded into the (zeroed) Keras model itself
+    if name != "VGG19":  # (VGG16 proves the same path; 550 MB of files saved)
+        _export_back(z, weights)
+    if name.startswith("VGG"):  # 138M parameters each: keep memory low for the next tests
+        z.model = None
+        gc.collect()
+    print(f"{name}: {z.build_s:.1f} s Keras, {time.perf_counter() - t0:.1f} s in all")
+
+
+def _export_back(z: Zoo, weights: dict) -> None:
+    """The canonical weights as a Keras .h5, loaded into the (zeroed) Keras model itself."""
     back = keras_layout.from_canonical(weights, z.spec, z.size)
-    path = z.path.with_name(f"{name}_back.h5")
+    path = z.path.with_name(f"{z.name}_back.h5")
     keras_h5.write(path, back)
     assert list(keras_h5.read(path)) == list(back)
     for variable in z.model.weights:
@@ -139,10 +173,6 @@ def test_keras_application_exact_in_cnnzoo(zoo, backends, name):
     z.model.load_weights(str(path))
     np.testing.assert_array_equal(z.run(z.model), z.logits)
     path.unlink()
-    if name.startswith("VGG"):  # 138M parameters each: keep memory low for the next tests
-        z.model = None
-        gc.collect()
-    print(f"{name}: {z.build_s:.1f} s Keras, {time.perf_counter() - t0:.1f} s in all")
 
 
 @pytest.mark.parametrize("backend_name", sorted(set(usable_backends()) - {"keras"}))
@@ -152,21 +182,25 @@ def test_one_pair_in_every_backend(zoo, backends, backend_name):
     model = backend.build(z.spec, z.size)
     backend.set_weights(model, z.canonical())
     _compare(backend.predict(model, z.images), z.logits,
-             f"keras:{EVERY_BACKEND} -> {z.spec.name} at {z.size} ({backend_name} backend)")
+             f"keras:{EVERY_BACKEND} -> {z.spec.name} at {z.size} ({backend_name} backend)",
+             of_range=True)
 
 
 def test_variant_options_are_needed(zoo, backends):
-    """Without its option the spec is another network than Keras': the options are the
-    difference, not decoration."""
+    """Without its option the spec is another network than Keras': with the same weights its
+    logits are far further from Keras' than float32 rounding takes the spec with the option."""
     backend = backends("torch")
     for name, option in (("InceptionV3", "count_include_pad"), ("Xception", "bn_eps")):
         z = zoo(name)
         default = architectures.build_spec(z.spec.name)
         assert default.analyze(z.size).params == z.spec.analyze(z.size).params
-        model = backend.build(default, z.size)
-        backend.set_weights(model, z.canonical())
-        diff = np.abs(backend.predict(model, z.images) - z.logits)
-        assert not np.all(diff <= ATOL + RTOL * np.abs(z.logits)), option
+        diffs = []
+        for spec in (z.spec, default):
+            model = backend.build(spec, z.size)
+            backend.set_weights(model, z.canonical())
+            diffs.append(float(np.abs(backend.predict(model, z.images) - z.logits).max()))
+        print(f"\n{name} without {option}: {diffs[1]:.3g} from Keras' logits, with: {diffs[0]:.3g}")
+        assert diffs[1] > 10 * diffs[0], option
 
 
 def test_resnet50_is_refused():
