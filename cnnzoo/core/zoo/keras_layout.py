@@ -84,7 +84,6 @@ def spec_units(spec: S.Spec, input_size: int) -> list[Unit]:
         if node.name in merged:
             continue
         layer = node.layer
-        bias = bool(getattr(layer, "bias", False))
         if kind == CONV and _is_depthwise(layer, analysis[node.name].in_shape[0]):
             after = consumers.get(node.name, [])
             pointwise = nodes[after[0]] if len(after) == 1 else None
@@ -93,7 +92,7 @@ def spec_units(spec: S.Spec, input_size: int) -> list[Unit]:
                 units.append(Unit(SEPARABLE, pointwise.layer.bias, (node.name, pointwise.name)))
                 continue
             kind = DEPTHWISE
-        units.append(Unit(kind, bias if kind != BATCHNORM else False, (node.name,)))
+        units.append(Unit(kind, bool(getattr(layer, "bias", False)), (node.name,)))
     return units
 
 
@@ -112,13 +111,13 @@ def keras_layer_order(spec: S.Spec, units: list[Unit]) -> list[Unit]:
     first reaches them (keras.src.ops.function.map_graph). A separable convolution is one
     layer: its depthwise node is merged into its pointwise node."""
     merged = {u.nodes[0]: u.nodes[1] for u in units if u.kind == SEPARABLE}
+    first = {pointwise: depthwise for depthwise, pointwise in merged.items()}
     nodes = {n.name: n for n in spec.nodes}
-    inputs: dict[str, list[str]] = {}
+    inputs: dict[str, list[str]] = {}  # the Keras graph: layer -> its input layers
     for node in spec.nodes:
-        if node.name in merged:
-            continue
-        first = next((d for d, p in merged.items() if p == node.name), node.name)
-        inputs[node.name] = [merged.get(i, i) for i in nodes[first].inputs if i != S.INPUT]
+        if node.name not in merged:
+            head = nodes[first.get(node.name, node.name)]
+            inputs[node.name] = [merged.get(i, i) for i in head.inputs if i != S.INPUT]
     depth = {spec.output: 0}
     for node in reversed(spec.nodes):
         if node.name in inputs and node.name in depth:
@@ -210,7 +209,7 @@ def _pair(layers: list[FileLayer], units: list[Unit], spec: S.Spec
 
 def _label(sig: tuple[str, bool]) -> str:
     kind, bias = sig
-    if kind in (BATCHNORM,):
+    if kind == BATCHNORM:
         return _LABEL[kind]
     return f"{_LABEL[kind]} {'with' if bias else 'without'} bias"
 
