@@ -239,6 +239,29 @@ def test_whole_saved_model_and_keras3_weights_files(zoo, tmp_path, name):
         assert all(np.array_equal(got[k], expected[k]) for k in expected), path.name
 
 
+def test_keras1_weight_names(zoo, tmp_path):
+    """Keras 1's files (the published VGG16/VGG19: ``block1_conv1_W_1:0``) read with Keras 2's
+    names: the InceptionV3 file rewritten with Keras 1's names reads the same."""
+    tensors = keras_h5.read(zoo("InceptionV3").path)
+    keras1 = {"kernel": "W", "bias": "b", "moving_mean": "running_mean",
+              "moving_variance": "running_std"}
+    path = tmp_path / "keras1.h5"
+    layers = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in tensors))
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [n.encode() for n in ["input_1", *layers]]
+        f.create_group("input_1").attrs["weight_names"] = np.array([], "S1")
+        for layer in layers:
+            weights = [k.rsplit("/", 1)[1] for k in tensors if k.rsplit("/", 1)[0] == layer]
+            names = [f"{layer}_{keras1.get(w, w)}_1:0" for w in weights]
+            group = f.create_group(layer)
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for name, w in zip(names, weights):
+                group[name] = tensors[f"{layer}/{w}"]
+    back = keras_h5.read(path)
+    assert list(back) == list(tensors)
+    assert all(np.array_equal(back[k], tensors[k]) for k in tensors)
+
+
 def test_write_round_trips_exactly(tmp_path):
     rng = np.random.default_rng(0)
     # more layer names than one HDF5 attribute holds: Keras' chunked layer_names0, 1...
@@ -301,6 +324,16 @@ def test_missing_extra_and_misshaped_layers(zoo):
     weights = keras_layout.to_canonical(misshaped, z.spec, z.size)  # shapes: load's job
     with pytest.raises(WeightsError, match=r"Conv2d_2a_3x3.conv/weight has shape \(31, 32"):
         check_weights(weights, expected_shapes(z.spec, z.size))
+
+
+def test_classifier_of_another_class_count_is_placed(zoo):
+    """A Keras model with 10 classes: its classifier is placed as it is (load drops it)."""
+    z = zoo("InceptionV3")
+    tensors = keras_h5.read(z.path)
+    tensors["predictions/kernel"] = tensors["predictions/kernel"][:, :10]
+    tensors["predictions/bias"] = tensors["predictions/bias"][:10]
+    weights = keras_layout.to_canonical(tensors, z.spec, z.size)
+    assert weights["fc/weight"].shape == (10, 2048) and weights["fc/bias"].shape == (10,)
 
 
 def test_from_canonical_names_what_is_missing(zoo):

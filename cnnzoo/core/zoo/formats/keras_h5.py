@@ -9,7 +9,10 @@ Two formats, both read into tensors keyed ``"<layer>/<weight>"`` (``block1_conv1
   ``weight_names`` (``block1_conv1/kernel:0``). The layers come in ``Model.layers`` order (the
   functional graph sorted by depth), their weights in Keras' legacy order (trainable first:
   kernel, bias; gamma, beta, moving_mean, moving_variance). Long lists are split into chunked
-  attributes ``layer_names0``, ``layer_names1``... when they exceed HDF5's header limit;
+  attributes ``layer_names0``, ``layer_names1``... when they exceed HDF5's header limit. Files
+  saved by Keras 1 (the published VGG16/VGG19 files) name weights ``block1_conv1_W_1:0``: read
+  with Keras 2's names (``W`` kernel, ``b`` bias, ``running_std`` moving_variance, which
+  Keras 1 kept there);
 - Keras 3's ``.weights.h5``: ``layers/<name>/vars/<i>``, where Keras names each layer after its
   class, numbered in ``Model.layers`` order (``conv2d``, ``conv2d_1``, ..., ``conv2d_10``), and
   nothing names a variable. Layers come in natural name order (so each class's layers in
@@ -96,17 +99,27 @@ def _read_legacy(root: h5py.Group, path: Path) -> dict[str, np.ndarray]:
             if not isinstance(data, h5py.Dataset):
                 raise WeightsError(f"{path}: weight '{name}' of layer '{layer}' is missing: "
                                    "the file is damaged or truncated: download it again")
-            key = f"{layer}/{_short(name)}"
+            key = f"{layer}/{_short(name, layer)}"
             if key in tensors:
                 raise WeightsError(f"{path}: layer '{layer}' has two weights named "
-                                   f"'{_short(name)}'")
+                                   f"'{_short(name, layer)}'")
             tensors[key] = np.asarray(data[()])
     return tensors
 
 
-def _short(weight_name: str) -> str:
-    """``block1_conv1/kernel:0`` -> ``kernel`` (Keras 3 writes ``block1_conv1/kernel``)."""
-    return weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
+# Keras 1's weight names -> Keras 2's
+_KERAS1 = {"W": "kernel", "b": "bias", "running_std": "moving_variance",
+           "running_mean": "moving_mean"}
+
+
+def _short(weight_name: str, layer: str) -> str:
+    """``block1_conv1/kernel:0`` -> ``kernel`` (Keras 3 writes ``block1_conv1/kernel``);
+    Keras 1's ``block1_conv1_W_1:0`` -> ``kernel``."""
+    name = weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
+    if name.startswith(f"{layer}_"):
+        name = re.sub(r"_\d+$", "", name[len(layer) + 1:])
+        name = _KERAS1.get(name, name)
+    return name
 
 
 def _has_list(obj, name: str) -> bool:
