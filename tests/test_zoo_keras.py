@@ -105,6 +105,8 @@ def zoo(tmp_path_factory):
         return cache[name]
 
     yield get
+    for z in cache.values():  # VGG's files are 550 MB each: leave none behind
+        z.path.unlink(missing_ok=True)
     cache.clear()
 
 
