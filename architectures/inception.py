@@ -5,7 +5,8 @@
   TensorFlow port torchvision's weights come from, ceil-mode max-pools, and a 3x3 convolution in
   the "5x5" branch (torchvision issue #906; the paper has 5x5);
 - ``inception_v3`` (Szegedy et al. 2015, "Rethinking the Inception Architecture for Computer
-  Vision") as torchvision's ``inception_v3``;
+  Vision") as torchvision's ``inception_v3`` (``count_include_pad=False``: Keras' InceptionV3,
+  whose average pools leave the padding out);
 - ``inception_v4`` and ``inception_resnet_v2`` (Szegedy, Ioffe, Vanhoucke, Alemi 2016,
   "Inception-v4, Inception-ResNet and the Impact of Residual Connections on Learning") as timm's
   ``inception_v4`` and ``inception_resnet_v2``.
@@ -103,14 +104,14 @@ def inception_v1(num_classes: int, in_channels: int, input_size: int, dropout: f
 
 
 # --------------------------------------------------------------------------- Inception-v3
-def _v3_a(g, x, name, pool_features):  # 35x35
+def _v3_a(g, x, name, pool_features, include_pad):  # 35x35
     b1 = basic_conv(g, x, 64, 1, f"{name}.branch1x1")
     b5 = basic_conv(g, x, 48, 1, f"{name}.branch5x5_1")
     b5 = basic_conv(g, b5, 64, 5, f"{name}.branch5x5_2", padding=2)
     b3 = basic_conv(g, x, 64, 1, f"{name}.branch3x3dbl_1")
     b3 = basic_conv(g, b3, 96, 3, f"{name}.branch3x3dbl_2", padding=1)
     b3 = basic_conv(g, b3, 96, 3, f"{name}.branch3x3dbl_3", padding=1)
-    bp = g.avg_pool(x, 3, 1, 1, name=f"{name}.avgpool")
+    bp = g.avg_pool(x, 3, 1, 1, count_include_pad=include_pad, name=f"{name}.avgpool")
     bp = basic_conv(g, bp, pool_features, 1, f"{name}.branch_pool")
     return g.concat(b1, b5, b3, bp, name=name)
 
@@ -124,7 +125,7 @@ def _v3_b(g, x, name):  # 35x35 -> 17x17
     return g.concat(b3, bd, bp, name=name)
 
 
-def _v3_c(g, x, name, c7):  # 17x17, factorised 7x7
+def _v3_c(g, x, name, c7, include_pad):  # 17x17, factorised 7x7
     b1 = basic_conv(g, x, 192, 1, f"{name}.branch1x1")
     b7 = basic_conv(g, x, c7, 1, f"{name}.branch7x7_1")
     b7 = basic_conv(g, b7, c7, (1, 7), f"{name}.branch7x7_2", padding=(0, 3))
@@ -133,7 +134,7 @@ def _v3_c(g, x, name, c7):  # 17x17, factorised 7x7
     for i, (out, kernel, pad) in enumerate([(c7, (7, 1), (3, 0)), (c7, (1, 7), (0, 3)),
                                             (c7, (7, 1), (3, 0)), (192, (1, 7), (0, 3))], start=2):
         bd = basic_conv(g, bd, out, kernel, f"{name}.branch7x7dbl_{i}", padding=pad)
-    bp = g.avg_pool(x, 3, 1, 1, name=f"{name}.avgpool")
+    bp = g.avg_pool(x, 3, 1, 1, count_include_pad=include_pad, name=f"{name}.avgpool")
     bp = basic_conv(g, bp, 192, 1, f"{name}.branch_pool")
     return g.concat(b1, b7, bd, bp, name=name)
 
@@ -155,14 +156,14 @@ def _split_1x3_3x1(g, x, out, name, a, b):
                     basic_conv(g, x, out, (3, 1), f"{name}_{b}", padding=(1, 0)), name=name)
 
 
-def _v3_e(g, x, name):  # 8x8
+def _v3_e(g, x, name, include_pad):  # 8x8
     b1 = basic_conv(g, x, 320, 1, f"{name}.branch1x1")
     b3 = basic_conv(g, x, 384, 1, f"{name}.branch3x3_1")
     b3 = _split_1x3_3x1(g, b3, 384, f"{name}.branch3x3", "2a", "2b")
     bd = basic_conv(g, x, 448, 1, f"{name}.branch3x3dbl_1")
     bd = basic_conv(g, bd, 384, 3, f"{name}.branch3x3dbl_2", padding=1)
     bd = _split_1x3_3x1(g, bd, 384, f"{name}.branch3x3dbl", "3a", "3b")
-    bp = g.avg_pool(x, 3, 1, 1, name=f"{name}.avgpool")
+    bp = g.avg_pool(x, 3, 1, 1, count_include_pad=include_pad, name=f"{name}.avgpool")
     bp = basic_conv(g, bp, 192, 1, f"{name}.branch_pool")
     return g.concat(b1, b3, bd, bp, name=name)
 
@@ -191,19 +192,21 @@ def _slim_stem(g: GraphBuilder, names) -> str:
 
 @register("inception_v3", input_size=299, reference="torchvision inception_v3")
 def inception_v3(num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5,
-                 aux_logits: bool = False):
+                 aux_logits: bool = False, count_include_pad: bool = True):
+    # count_include_pad=False: the 3x3 average pools of the blocks leave the zero padding out of
+    # the average, as keras.applications' InceptionV3 (TensorFlow's pooling) does
     g = GraphBuilder("inception_v3", in_channels, num_classes, input_size)
     x = _slim_stem(g, ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1",
                        "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2"))
     for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
-        x = _v3_a(g, x, name, pool_features)
+        x = _v3_a(g, x, name, pool_features, count_include_pad)
     x = _v3_b(g, x, "Mixed_6a")
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-        x = _v3_c(g, x, name, c7)
+        x = _v3_c(g, x, name, c7, count_include_pad)
     aux = (_v3_aux(g, x),) if aux_logits else ()
     x = _v3_d(g, x, "Mixed_7a")
-    x = _v3_e(g, x, "Mixed_7b")
-    x = _v3_e(g, x, "Mixed_7c")
+    x = _v3_e(g, x, "Mixed_7b", count_include_pad)
+    x = _v3_e(g, x, "Mixed_7c", count_include_pad)
     _classifier(g, x, dropout, "fc", dropout_before_flatten=True)
     return g.build(aux_outputs=aux, aux_weight=0.4)
 
