@@ -80,10 +80,8 @@ MODELS: tuple[ZooModel, ...] = (
     _timm_hub("vgg19", "vgg19", "vgg19.tv_in1k", 224, IMAGENET),
     _keras("VGG16", "vgg16", "vgg16", "64373286793e3c8b2b4e3219cbf3544b", 224, KERAS_CAFFE),
     _keras("VGG19", "vgg19", "vgg19", "cbe5617147190e668d6c5d5026f83318", 224, KERAS_CAFFE),
-    _keras("Xception", "xception", "xception", "0a58e3b7378bc2990ea3b43d5981f1f6", 299,
-           KERAS_TF),
     _keras("InceptionV3", "inception_v3", "inception_v3", "9a0d58056eeedaa3f26cb7ebd46da564",
-           299, KERAS_TF),
+           299, KERAS_TF, count_include_pad=False),
     _keras("InceptionResNetV2", "inception_resnet_v2", "inception_resnet_v2",
            "e693bd0210a403b3192acc6073ad2e96", 299, KERAS_TF),
     _gluon("alexnet", "alexnet", "44335d1f0046b328243b32a26a4fbd62d9057b45"),
@@ -96,6 +94,11 @@ MODELS: tuple[ZooModel, ...] = (
 NOT_OFFERED: dict[str, str] = {
     "keras:ResNet50": "Keras' ResNet50 is ResNet v1 (stride in the first 1x1 convolution, "
                       "convolutions with bias); cnnzoo's resnet50 is torchvision's v1.5",
+    "keras:Xception": "Keras' Xception pads its stride-2 max-pools 'same' (on the right only "
+                      "where a map is even: at 299 px, block3's pool on 74x74), cnnzoo's "
+                      "xception symmetrically as timm's legacy_xception; the two compute the "
+                      "same only at sizes such as 71 (its file reads with "
+                      "arch.options.bn_eps=0.001 there)",
     "gluon:resnet50_v1": "Gluon's resnet50_v1 puts the stride in the first 1x1 convolution "
                          "(ResNet v1); cnnzoo's resnet50 is torchvision's v1.5",
     "gluon:resnet50_v2": "Gluon's resnet50_v2 is the pre-activation ResNet (v2), another "
