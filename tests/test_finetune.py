@@ -121,3 +121,25 @@ def test_a_zoo_model_of_another_architecture_is_refused_before_any_download(tmp_
     assert r.returncode == 2
     assert ("error: finetune.weights=torchvision:vgg16: torchvision:vgg16 is the architecture "
             "vgg16, the run's is lenet5: set arch=vgg16") in r.stderr
+
+
+def test_a_zoo_file_starts_a_run_on_other_classes(tmp_path):
+    """Gluon's own AlexNet file (made by mxnet.gluon.model_zoo, as its store publishes them)
+    starts a 10-class run: its 1000-class classifier is initialised anew, the rest is Gluon's."""
+    code = ("import sys\n"
+            "from runners.mxnet.compat import import_mxnet\n"
+            "mx = import_mxnet()\n"
+            "from mxnet.gluon.model_zoo import vision\n"
+            "net = vision.get_model('alexnet', pretrained=False)\n"
+            "net.initialize(mx.init.Xavier())\n"
+            "net(mx.nd.zeros((1, 3, 224, 224)))\n"
+            "net.save_parameters(sys.argv[1])\n")
+    params = tmp_path / "alexnet-44335d1f.params"
+    made = subprocess.run([sys.executable, "-c", code, str(params)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert made.returncode == 0, made.stderr[-2000:]
+    r = run_cli(tmp_path / "run", "arch=alexnet", "arch.input_size=63", "arch.in_channels=3",
+                f"finetune.weights={params}", "trainer.max_epochs=1", "data.limit=64", *QUIET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"weights: 14 tensors from {params} (params); fc3 initialised anew for "
+            "10 classes") in r.stdout

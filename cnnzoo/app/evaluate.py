@@ -23,13 +23,15 @@ from .validate import validate
 _FROM_COMMAND_LINE = ("data", "hardware")
 
 
-def trained_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
+def trained_config(cfg: DictConfig, overrides: list[str], key: str = "eval.run_dir"
+                   ) -> tuple[DictConfig, Path]:
     """This config with the trained run's arch, backend, seed, data and hardware; data and
-    hardware stay as the command line set them, if it did."""
+    hardware stay as the command line set them, if it did. ``key`` names the option that
+    gave ``cfg.eval.run_dir``, for the messages."""
     src = Path(cfg.eval.run_dir or "")
     if not cfg.eval.run_dir or not (src / "config.yaml").is_file() or not (
             src / "results.json").is_file():
-        raise ConfigError(f"eval.run_dir={cfg.eval.run_dir!r} is not a finished training run "
+        raise ConfigError(f"{key}={cfg.eval.run_dir!r} is not a finished training run "
                           "(needs config.yaml and results.json): give a run directory of task=train")
     fix = "restore it, or evaluate another run"
     saved = saved_config(src / "config.yaml", fix)
@@ -43,7 +45,7 @@ def trained_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
     checkpoint = read_json(src / "results.json", fix).get("checkpoint")
     CheckpointDir(src).latest()  # a damaged checkpoint folder is named, not loaded
     if not checkpoint or not (src / checkpoint).is_file():
-        raise ConfigError(f"eval.run_dir={src}: its checkpoint {checkpoint!r} is missing")
+        raise ConfigError(f"{key}={src}: its checkpoint {checkpoint!r} is missing")
     return trained, src / checkpoint
 
 

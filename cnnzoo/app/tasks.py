@@ -90,6 +90,9 @@ def _run_other_task(cfg: DictConfig, run_dir: Path, hydra_cfg):
     if cfg.task == "lr_find":
         from .lr_find import lr_find
         return lr_find(cfg, run_dir)
+    if cfg.task == "export_weights":
+        from .export_weights import export_weights
+        return export_weights(cfg, run_dir, list(hydra_cfg.overrides.task))
     from .crosscheck import verify_task
     return verify_task(cfg, run_dir)
 

@@ -31,7 +31,7 @@ from ..core.rules import (
 )
 from ..core.zoo.files import FORMATS as WEIGHT_FORMATS
 
-TASKS = ("train", "summary", "eval", "predict", "verify", "lr_find")
+TASKS = ("train", "summary", "eval", "predict", "verify", "lr_find", "export_weights")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
@@ -51,7 +51,7 @@ PREDICT_RULES = {
 }
 
 # tasks that load the backend's framework (summary does only with an explicit backend=)
-FRAMEWORK_TASKS = ("train", "eval", "verify", "lr_find")
+FRAMEWORK_TASKS = ("train", "eval", "verify", "lr_find", "export_weights")
 
 
 def _rules(cfg: DictConfig):
@@ -117,6 +117,7 @@ def _rules(cfg: DictConfig):
                                       "a zoo model (torchvision:resnet50) or a weights file")),
         "finetune.format": optional(one_of(WEIGHT_FORMATS)),
         "finetune.preprocess": one_of(("weights", "data")),
+        "export_weights.format": one_of(("pth", "safetensors", "h5", "params", "npz")),
         "data.channel_order": optional(one_of(("RGB", "BGR"))),
         "data.crop_fraction": optional(Rule(is_num, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         "verify.input_size": optional(pos_int),

@@ -7,6 +7,7 @@ freshly initialised classifier; ``Imported.reinitialised`` names those nodes. An
 difference is an error that names every missing, unexpected and mis-shaped key."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def import_weights(source: str, spec: S.Spec, input_size: int, fmt: str | None =
 
 
 def _layout(name: str):
-    from . import gluon_layout, keras_layout, torch_layout
-    return {"torch": torch_layout, "keras": keras_layout, "gluon": gluon_layout}[name]
+    """The layout module ``<name>_layout`` (imported when used)."""
+    return importlib.import_module(f"{__package__}.{name}_layout")
 
 
 def classifier_nodes(spec: S.Spec) -> list[str]:
