@@ -62,8 +62,21 @@ RUN = {
     "python -m cnnzoo.app.predict <run>/deploy.prototxt photo.png": (),
     "python run.py task=verify arch=xception arch.input_size=32": (),
     "python run.py task=lr_find lr_find.num_steps=50": (),
+    "python run.py task=export_weights export_weights.run_dir=<run> export_weights.format=pth": (),
 }
 NOT_RUN = {
+    # pretrained weights: the zoos' files need internet (tests/test_zoo_download.py runs the
+    # download against a local server; tests/test_finetune.py trains from weights files)
+    "python run.py arch=resnet50 finetune.weights=torchvision:resnet50 data=image_folder "
+    "data.path=$HOME/photos": "needs torchvision's file and photos; tests/test_finetune.py",
+    "python run.py arch=inception_v3 arch.options.count_include_pad=false "
+    "finetune.weights=keras:InceptionV3 data=image_folder data.path=$HOME/photos":
+        "needs Keras' file; tests/test_zoo_keras.py proves the variant",
+    "python run.py arch=vgg16 finetune.weights=$HOME/Downloads/vgg16-397923af.pth "
+    "data=image_folder data.path=$HOME/photos": "needs the file; tests/test_zoo_torch.py reads "
+                                                "torchvision's files",
+    "python run.py task=verify arch=alexnet verify.weights=gluon:alexnet verify.layers=true":
+        "needs Gluon's file; tests/test_layer_report.py runs verify.layers",
     # run elsewhere with assertions on what they write (here they would only run again)
     "python run.py arch=vgg backend=torch": "shortened to input 32 it is the next command, "
                                             "python run.py arch=vgg arch.input_size=32 ...",

@@ -133,3 +133,14 @@ def test_run_py_refuses_a_zoo_file_that_is_not_the_published_one(served, cli, tm
     assert r.frameworks == set()  # refused before the backend's framework loads
     assert not (tmp_path / "run" / ".hydra").exists()  # no record of a refused command
     assert not any((tmp_path / "cache/weights").iterdir())
+
+
+def test_a_zoo_variant_names_the_options_to_set_before_any_download(served):
+    import architectures
+    from cnnzoo.core.zoo.load import import_weights
+    spec = architectures.build_spec("inception_v3")
+    with pytest.raises(WeightsError, match=r"keras:InceptionV3 is a variant of inception_v3 "
+                                           r"\(\{'count_include_pad': False\}\); set "
+                                           r"arch.options.count_include_pad=False"):
+        import_weights("keras:InceptionV3", spec, 299, options={"count_include_pad": True})
+    assert not served.requests

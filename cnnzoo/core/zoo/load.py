@@ -90,6 +90,6 @@ def _check_same_network(model, spec: S.Spec, options: dict) -> None:
                            f"{spec.name}: set arch={model.arch}")
     wrong = {k: v for k, v in model.options.items() if options.get(k) != v}
     if wrong:
-        sets = " ".join(f"+arch.options.{k}={v}" for k, v in wrong.items())
+        sets = " ".join(f"arch.options.{k}={v}" for k, v in wrong.items())
         raise WeightsError(f"{model.id} is a variant of {model.arch} ({model.options}); "
-                           f"add {sets}")
+                           f"set {sets}")
