@@ -33,7 +33,7 @@ import architectures
 from architectures.spec import INPUT, GlobalAvgPool, GraphBuilder, Scale
 from cnnzoo.core.backend import Backend, backend_info
 from cnnzoo.core.checkpoints import CheckpointDir, weights_sha256
-from cnnzoo.core.errors import CheckpointError, TrainingDiverged, WeightsError
+from cnnzoo.core.errors import CheckpointError, ConfigError, TrainingDiverged, WeightsError
 from cnnzoo.core.rundir import METRIC_COLUMNS, MetricsLog
 from cnnzoo.core.training import TrainingProtocol
 from cnnzoo.core.weights import expected_shapes
@@ -407,3 +407,57 @@ def test_caffe_export_of_its_weights_runs_in_opencv(trained, tmp_path):
                                   images, lambda x: backend.predict(model, x), export_cfg,
                                   tmp_path, {"arch": "lenet5", "backend": backend.name})
     assert block["passed"] is True, [line for r in reports for line in r.lines()]
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def _toy_training(backend_name, tmp_path, *overrides, weights=None):
+    """The toy network (batch norm included) trained one epoch with ``overrides``, from
+    ``weights`` (its seeded init, batch-norm statistics randomised, when None): (before,
+    after) canonical weights."""
+    backend, _, train_split, val = small_run(backend_name, tmp_path / "run",
+                                             "trainer.max_epochs=1", *overrides)
+    model = backend.build(toy_spec(4, 1), 32)
+    if weights is None:
+        from cnnzoo.app.crosscheck import randomize_batch_norm
+        weights = randomize_batch_norm(backend.get_weights(model), 0)
+    backend.set_weights(model, weights)
+    backend.train(model, train_split, val)
+    return weights, backend.get_weights(model)
+
+
+def test_frozen_nodes_keep_their_weights_and_batch_statistics(backend_name, tmp_path):
+    before, after = _toy_training(backend_name, tmp_path, "finetune.freeze=[stem,mixed.b2a]")
+    for key, value in before.items():
+        if key.startswith(("stem.", "mixed.b2a/")):  # its batch norm's statistics too
+            assert np.array_equal(after[key], value), f"{key} changed though frozen"
+        elif not key.endswith(("running_mean", "running_var")):
+            assert not np.array_equal(after[key], value), f"{key} did not train"
+
+
+def test_freeze_backbone_trains_the_classifier_alone(backend_name, tmp_path):
+    before, after = _toy_training(backend_name, tmp_path, "finetune.freeze_backbone=true")
+    changed = sorted(k for k in before if not np.array_equal(after[k], before[k]))
+    assert changed == ["fc/bias", "fc/weight"]
+
+
+def test_the_backbone_learns_at_its_multiple_of_the_rate(backend_name, tmp_path):
+    """One plain SGD step: the backbone's change scales with finetune.backbone_lr, the
+    classifier's does not (a backend that declares it cannot is refused in one line)."""
+    sgd = ("optim=sgd", "optim.lr=1.0", "optim.momentum=0", "optim.weight_decay=0",
+           "data.batch_size=48")  # the 48 training images in one step
+    try:
+        compose(backend_name, "finetune.backbone_lr=0.25")
+    except ConfigError as err:  # the backend's declared limit
+        pytest.skip(str(err))
+    start, full = _toy_training(backend_name, tmp_path / "a", *sgd)
+    _, quarter = _toy_training(backend_name, tmp_path / "b", *sgd, "finetune.backbone_lr=0.25",
+                               weights=start)
+    for key in start:
+        if key.endswith(("running_mean", "running_var")):
+            continue
+        step_full, step_quarter = full[key] - start[key], quarter[key] - start[key]
+        factor = 1.0 if key.startswith("fc/") else 0.25
+        # float32 rounding of weight + step: a few units in the last place of the weights
+        ulp = float(np.finfo(np.float32).eps) * float(np.abs(start[key]).max())
+        np.testing.assert_allclose(step_quarter, factor * step_full, rtol=1e-3, atol=4 * ulp,
+                                   err_msg=key)

@@ -143,3 +143,18 @@ def test_a_zoo_file_starts_a_run_on_other_classes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (f"weights: 14 tensors from {params} (params); fc3 initialised anew for "
             "10 classes") in r.stdout
+
+
+def test_a_frozen_backbone_is_named_and_recorded(trained, tmp_path):
+    r = run_cli(tmp_path / "run", f"finetune.weights={trained[0]}", "finetune.freeze=[c1,c3]",
+                "finetune.backbone_lr=0.5", "trainer.max_epochs=1", "data.limit=200", *QUIET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fine-tuning: 2 parametrised node(s) frozen, the backbone trained at 0.5 x the rate" \
+        in r.stdout
+    results = json.loads((r.run_dir / "results.json").read_text())
+    assert results["finetune"] == {"frozen": ["c1", "c3"], "backbone_lr": 0.5}
+    # (that frozen nodes keep their weights, in every backend: the conformance suite)
+    bad = run_cli(tmp_path / "bad", "finetune.freeze=[conv1]", *STILL)
+    assert bad.returncode == 2 and not (tmp_path / "bad/.hydra").exists()
+    assert ("error: finetune.freeze: 'conv1' starts no parametrised node of lenet5 (they are "
+            "c1, c3, c5, f6, output, ...)") in bad.stderr

@@ -158,6 +158,7 @@ def summary(cfg: DictConfig, run_dir: Path, build_native: bool):
 
 def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     from ..core.checkpoints import weights_sha256
+    from ..core.finetune import FineTuning
     from .pretrained import apply_pretrained, read_pretrained
     from .report import plot_curves, print_config, print_summary
     from .resume import prepare_run_dir, resume_point
@@ -169,6 +170,10 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
     exp = prepare(cfg)
     dataset, spec, analysis, preprocess = exp.dataset, exp.spec, exp.analysis, exp.preprocess
     train_split, val_split = exp.train_split, exp.val_split
+    tuning = FineTuning.from_config(cfg, spec)  # a prefix naming no node: one line, now
+    if tuning.active:
+        print(f"fine-tuning: {len(tuning.frozen)} parametrised node(s) frozen, the backbone "
+              f"trained at {tuning.backbone_lr:g} x the rate", flush=True)
     pretrained = read_pretrained(cfg, spec) if resume is None else None
     backend, model, native_params = build_model(cfg, run_dir, exp)
     if pretrained is not None:
@@ -199,6 +204,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_cfg):
                "seed": cfg.seed, "overrides": overrides,
                "resumed_from_epoch": resume.epoch if resume else None,
                "pretrained": pretrained,
+               "finetune": {"frozen": sorted(tuning.frozen),
+                            "backbone_lr": tuning.backbone_lr} if tuning.active else None,
                "weights_sha256": weights_sha256(backend.get_weights(model)),
                "hardware": {**OmegaConf.to_container(cfg.hardware), **report.extra},
                "optim": report.optim,

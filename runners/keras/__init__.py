@@ -14,7 +14,8 @@ INFO = BackendInfo(
         "onnx_lift_min_size": optional(POSITIVE_INT),
         "malloc_top_pad_mb": optional(NON_NEGATIVE_INT),
     },
-    limits={"hardware.num_nodes": (1,)},
+    # a learning rate per layer: Keras' optimizers have one rate for all variables
+    limits={"hardware.num_nodes": (1,), "finetune.backbone_lr": (1.0,)},
     startup_checks={"backend.steps_per_execution": "auto or 1 when training over several "
                                                    "devices (tf.distribute)"},
     conf="runners.keras.conf",

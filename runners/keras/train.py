@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from cnnzoo.core.errors import ConfigError
+from cnnzoo.core.finetune import FineTuning
 from cnnzoo.core.optim import Optimizer, Schedule, num_batches
 from cnnzoo.core.training import FirstBadStep, TrainingProtocol, TrainReport
 
@@ -203,6 +204,8 @@ def compile_for_training(model, spec, cfg, strategy, policy, steps_per_call: int
                 smoothed_cross_entropy, name="sce", label_smoothing=smoothing))
         return ces
 
+    for name in FineTuning.from_config(cfg, spec).frozen:  # no update; batch norms in
+        model.get_layer(name).trainable = False           # inference mode (Keras' rule)
     with strategy.scope():
         model.compile(
             optimizer=make_optimizer(optim, policy, learning_rate),

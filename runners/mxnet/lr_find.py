@@ -17,7 +17,7 @@ def lr_range_test(backend, model, train, rates, stop) -> list[float]:
     mx, ctxs = backend.mx, backend.contexts[:1]
     batches = backend.input_pipeline(train, True)
     model.collect_params().reset_ctx(ctxs)
-    trainer = make_trainer(model, backend.cfg.optim)
+    trainer = make_trainer(model, backend.cfg)
     optim = Optimizer.from_config(backend.cfg.optim)
 
     def step(rate: float, batch) -> float:

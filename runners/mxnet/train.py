@@ -25,8 +25,11 @@ import math
 
 import numpy as np
 
+from architectures import spec as S
+from cnnzoo.core.finetune import FineTuning
 from cnnzoo.core.optim import Optimizer, num_batches
 from cnnzoo.core.training import FirstBadStep, TrainingProtocol, TrainReport
+from cnnzoo.core.weights import parametrised
 
 from . import state
 from .compat import import_mxnet
@@ -103,16 +106,37 @@ def make_optimizer(opt: Optimizer):
                             epsilon=opt.eps), None
 
 
-def make_trainer(model, optim_cfg, kvstore: str | None = None):
+def make_trainer(model, model_cfg, kvstore: str | None = None):
     """The ``gluon.Trainer`` of ``model``'s parameters with the configured optimizer
-    (``kvstore``: how several contexts sum their gradients)."""
+    (``model_cfg``: the run's config, its ``optim`` and ``finetune``; ``kvstore``: how several
+    contexts sum their gradients)."""
     from mxnet import gluon
 
-    optim = Optimizer.from_config(optim_cfg)
+    optim = Optimizer.from_config(model_cfg.optim)
+    fine_tune(model, FineTuning.from_config(model_cfg, model.spec))
     # clipping needs the reduced gradient before the update: updates out of the kvstore
     return gluon.Trainer(model.collect_params(), *make_optimizer(optim),
                          kvstore=kvstore or "device",
                          update_on_kvstore=False if optim.clip_grad_norm else None)
+
+
+def fine_tune(model, ft: FineTuning) -> None:
+    """``finetune.*``: a frozen node's parameters get no gradient and its batch norm uses and
+    keeps its running statistics; the others learn at ``lr_mult`` times the rate (Gluon's
+    per-parameter multiple, which its optimizers apply)."""
+    if not ft.active:
+        return
+    for node, _, _ in parametrised(model.spec):
+        block, scale = model.layer(node.name), ft.lr_scale(node.name)
+        for param in block.collect_params().values():
+            if scale == 0.0:
+                param.grad_req = "null"
+            else:
+                param.lr_mult = scale
+        if scale == 0.0 and isinstance(node.layer, S.BatchNorm):
+            block._kwargs["use_global_stats"] = True  # read by its forward (F.BatchNorm)
+    for graph in {model, model.inference_graph}:  # traced graphs are made again
+        graph._clear_cached_op()
 
 
 # --------------------------------------------------------------------------- one step
@@ -182,7 +206,7 @@ def fit(backend, model, train, val, resume=None) -> TrainReport:
     if resume is not None:
         backend.load_checkpoint(model, resume.file(state.WEIGHTS_FILE))
     model.collect_params().reset_ctx(ctxs)
-    trainer = make_trainer(model, c.optim, kvstore)
+    trainer = make_trainer(model, c, kvstore)
     if resume is not None:
         state.restore_trainer_state(mx, trainer, resume.path)
     train_batches = backend.input_pipeline(train, True, num_batches(

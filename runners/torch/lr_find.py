@@ -25,7 +25,7 @@ def lr_range_test(cfg, net, loader, rates, stop) -> list[float]:
 
     def step(rate: float, batch) -> float:
         for group in opt.param_groups:
-            group["lr"] = rate
+            group["lr"] = rate * group.get("lr_scale", 1.0)
         return train_step(fabric, model, opt, batch, sums, clip).item()
 
     return range_test(rates, consecutive_batches(loader, loader.sampler.set_epoch), step, stop)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from lightning_fabric import Fabric
 
+from architectures import spec as S
 from cnnzoo.core.errors import CheckpointError, ConfigError
+from cnnzoo.core.finetune import FineTuning
 from cnnzoo.core.optim import Optimizer, num_batches
 from cnnzoo.core.training import FirstBadStep, TrainingProtocol, TrainReport
 
@@ -185,6 +187,7 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume,
     """One process's training (every process of a DDP run calls it): the protocol's report
     and the process id (rank 0's come back from ddp_spawn's processes)."""
     model, opt = training_modules(cfg, net)
+    frozen = frozen_norms(FineTuning.from_config(cfg, net.spec), net)
     max_epochs = cfg.trainer.max_epochs
     start = resume.epoch if resume is not None else 0
     if resume is not None:
@@ -210,10 +213,12 @@ def _train(fabric: Fabric, cfg, run_dir: Path, net: SpecModule, loaders, resume,
             torch.manual_seed(protocol.start_epoch(epoch))
             sums.start_epoch()
             model.train()
+            for norm in frozen:  # their running statistics stay as loaded
+                norm.eval()
             train_loader.sampler.set_epoch(epoch)
             for i, batch in zip(range(steps), train_loader):
                 for group in opt.param_groups:
-                    group["lr"] = rate(epoch * steps + i)
+                    group["lr"] = rate(epoch * steps + i) * group.get("lr_scale", 1.0)
                 train_step(fabric, model, opt, batch, sums, clip)
                 protocol.step(1, sums.running)
             if val_steps > 0:
@@ -248,7 +253,31 @@ def training_modules(cfg, net: SpecModule) -> tuple[Classifier, torch.optim.Opti
     optim = Optimizer.from_config(cfg.optim)
     model = Classifier(net, cfg.backend.channels_last, cfg.backend.get("compile", False),
                        optim.label_smoothing)
-    return model, torch_optimizer(optim, net.parameters())
+    return model, torch_optimizer(optim, parameter_groups(FineTuning.from_config(cfg, net.spec),
+                                                          net))
+
+
+def parameter_groups(ft: FineTuning, net: SpecModule):
+    """The optimizer's parameters: all of them, or with ``finetune.*`` one group per multiple
+    of the rate (``lr_scale``, applied where the rate is set), a frozen node's parameters left
+    out and no longer requiring gradients."""
+    if not ft.active:
+        return net.parameters()
+    groups: dict[float, list] = {}
+    for node in net.spec.nodes:
+        params = list(net.layers[net.key(node.name)].parameters())
+        if params and ft.lr_scale(node.name) == 0.0:
+            for p in params:
+                p.requires_grad_(False)
+        elif params:
+            groups.setdefault(ft.lr_scale(node.name), []).extend(params)
+    return [{"params": p, "lr_scale": scale} for scale, p in groups.items()]
+
+
+def frozen_norms(ft: FineTuning, net: SpecModule) -> list[torch.nn.Module]:
+    """The batch norms of frozen nodes: kept in inference mode while the rest trains."""
+    return [net.layers[net.key(n.name)] for n in net.spec.nodes
+            if n.name in ft.frozen and isinstance(n.layer, S.BatchNorm)]
 
 
 def train_step(fabric: Fabric, model, opt, batch, sums: EpochSums,

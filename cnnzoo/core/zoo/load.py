@@ -16,6 +16,7 @@ import numpy as np
 from architectures import spec as S
 
 from ..errors import WeightsError
+from ..finetune import classifier_nodes
 from ..weights import check_weights, expected_shapes
 from . import catalog, files
 
@@ -62,12 +63,6 @@ def import_weights(source: str, spec: S.Spec, input_size: int, fmt: str | None =
 def _layout(name: str):
     """The layout module ``<name>_layout`` (imported when used)."""
     return importlib.import_module(f"{__package__}.{name}_layout")
-
-
-def classifier_nodes(spec: S.Spec) -> list[str]:
-    """The dense layers that produce class scores: the output's and each auxiliary head's."""
-    heads = {spec.output, *spec.aux_outputs}
-    return [n.name for n in spec.nodes if n.name in heads and isinstance(n.layer, S.Dense)]
 
 
 def _other_classifier(weights: dict, expected: dict, spec: S.Spec) -> set[str]:

@@ -139,10 +139,11 @@ class FlaxBackend(Backend):
     def count_params(self, model: FlaxModel) -> int:
         return model.param_count()
 
-    def training_module(self, model: FlaxModel):
+    def training_module(self, model: FlaxModel, frozen: frozenset = frozenset()):
         """The module the training step runs: the model's, computing in the precision's
-        dtype (parameters stay float32)."""
-        return model.module.clone(dtype=self.dtype)
+        dtype (parameters stay float32), the batch norms of ``frozen`` nodes in inference
+        mode."""
+        return model.module.clone(dtype=self.dtype, frozen=frozen)
 
     def input_pipeline(self, split, shuffle: bool, limit: int | None = None) -> EpochBatches:
         bs = self.cfg.data.batch_size

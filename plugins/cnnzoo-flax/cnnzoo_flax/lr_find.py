@@ -9,10 +9,9 @@ import numpy as np
 
 from cnnzoo.core.checkpoints import epoch_seed
 from cnnzoo.core.lr_range import consecutive_batches, range_test
-from cnnzoo.core.optim import Optimizer
 
 from .model import BATCH_STATS, PARAMS
-from .train import Steps
+from .train import fine_tuned_steps
 
 
 def lr_range_test(backend, model, train, rates, stop) -> list[float]:
@@ -21,8 +20,7 @@ def lr_range_test(backend, model, train, rates, stop) -> list[float]:
     mean loss read back to the host. The model ends with the trained variables (host arrays),
     as after training."""
     seed = backend.cfg.seed
-    steps = Steps(backend.training_module(model), model.spec.aux_weight,
-                  Optimizer.from_config(backend.cfg.optim))
+    steps = fine_tuned_steps(backend, model)
     state = jax.device_put(jax.device_get(steps.init_state(model.variables)),
                            backend.replicated)
     batches = backend.input_pipeline(train, True)

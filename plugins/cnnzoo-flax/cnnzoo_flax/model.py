@@ -166,6 +166,7 @@ class SpecNet(nn.Module):
     spec: S.Spec
     input_size: int
     dtype: Any = jnp.float32
+    frozen: frozenset = frozenset()  # nodes whose batch norms keep their statistics in training
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -192,7 +193,8 @@ class SpecNet(nn.Module):
         if isinstance(layer, S.Dense):
             return nn.Dense(layer.out_features, use_bias=layer.bias, dtype=dtype, name=name)(x)
         if isinstance(layer, S.BatchNorm):
-            return BatchNorm(layer.eps, layer.momentum, dtype, name=name)(x, train)
+            return BatchNorm(layer.eps, layer.momentum, dtype, name=name)(
+                x, train and node.name not in self.frozen)
         if isinstance(layer, S.Dropout):
             return nn.Dropout(layer.p, deterministic=not train, name=name)(x)
         if isinstance(layer, S.Activation):

@@ -28,12 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cnnzoo.core.finetune import FineTuning
 from cnnzoo.core.optim import Optimizer, num_batches
 from cnnzoo.core.training import FirstBadStep, TrainingProtocol, TrainReport
+from cnnzoo.core.weights import parametrised
 
 from . import state as checkpoint
 from .data import EpochBatches
-from .model import BATCH_STATS, PARAMS
+from .model import BATCH_STATS, PARAMS, scope_name
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -92,8 +94,10 @@ class Steps:
     step's. ``evaluate(variables, sums, x, y) -> sums`` (loss sum, correct) in inference mode.
     The state's buffers are donated: a step's input state must not be used after it."""
 
-    def __init__(self, module, aux_weight: float, optim: Optimizer):
+    def __init__(self, module, aux_weight: float, optim: Optimizer,
+                 lr_scales: dict[str, float] | None = None):
         self.module, self.aux_weight, self.optim = module, aux_weight, optim
+        self.lr_scales = lr_scales  # finetune.*: a multiple of the rate per scope (0: frozen)
         self.tx = update_direction(optim)
         self.train = jax.jit(self._train, donate_argnums=(0,))
         self.evaluate = jax.jit(self._evaluate)
@@ -120,12 +124,22 @@ class Steps:
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(self.loss, has_aux=True)(
             state[PARAMS], state[BATCH_STATS], x, y, key)
         direction, opt_state = self.tx.update(grads, state["opt_state"], state[PARAMS])
-        params = jax.tree_util.tree_map(lambda p, d: p - rate * d, state[PARAMS], direction)
+        params = self.updated(state[PARAMS], direction, rate)
         correct = jnp.sum(jnp.argmax(logits, axis=-1) == y)
         running = sums[0] + loss * y.shape[0]
         sums = jnp.stack([running, sums[1] + correct,
                           sums[2] + jnp.isfinite(running).astype(jnp.float32)])
         return {PARAMS: params, BATCH_STATS: batch_stats, "opt_state": opt_state}, sums
+
+    def updated(self, params, direction, rate):
+        """``params - rate * direction``, each scope at its multiple of the rate (a frozen
+        one, multiple 0, stays as it is)."""
+        step = lambda p, d, r=rate: p - r * d  # noqa: E731
+        if self.lr_scales is None:
+            return jax.tree_util.tree_map(step, params, direction)
+        return {k: v if self.lr_scales[k] == 0.0 else jax.tree_util.tree_map(
+                    functools.partial(step, r=rate * self.lr_scales[k]), v, direction[k])
+                for k, v in params.items()}
 
     def _evaluate(self, variables, sums, x, y):
         logits = self.module.apply(variables, nhwc(x), train=False)
@@ -133,12 +147,20 @@ class Steps:
                                  jnp.sum(jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)])
 
 
+def fine_tuned_steps(backend, model) -> Steps:
+    """The run's steps, with ``finetune.*``'s frozen nodes and rate multiples."""
+    ft = FineTuning.from_config(backend.cfg, model.spec)
+    scales = ({scope_name(n.name): ft.lr_scale(n.name) for n, _, _ in parametrised(model.spec)}
+              if ft.active else None)
+    return Steps(backend.training_module(model, ft.frozen), model.spec.aux_weight,
+                 Optimizer.from_config(backend.cfg.optim), scales)
+
+
 # --------------------------------------------------------------------------- the loop
 def fit(backend, model, train, val, resume=None) -> TrainReport:
     """``Backend.train`` of the Flax backend (``backend``: its ``FlaxBackend``)."""
     c, replicated = backend.cfg, backend.replicated
-    steps = Steps(backend.training_module(model), model.spec.aux_weight,
-                  Optimizer.from_config(c.optim))
+    steps = fine_tuned_steps(backend, model)
     state = steps.init_state(model.variables)
     if resume is not None:  # the arrays of the epoch folder, checked against this run's
         state = checkpoint.read_state(resume.file(checkpoint.STATE_FILE), state)
