@@ -1,10 +1,10 @@
 """``python -m bench.finetune_example``: what starting from imported weights buys on a small
 dataset, measured. LeNet-5 is first trained on the digits 0-6 (torch; its weights written as
 cnnzoo's neutral .npz, one of the formats ``finetune.weights`` imports); then the digits 7-9,
-with few of their images for training (``--train-fraction``), are learned from scratch and from those weights
-(the 7-class classifier is initialised anew for 3 classes) in each backend, with the same
-recipe. Prints a markdown table of val_acc per epoch; writes ``finetune_example.json`` to
-``--out``."""
+with few of their images for training (``--train-fraction``), are learned from scratch and from
+those weights (the 7-class classifier initialised anew for 3 classes), all layers trained or
+the backbone frozen, in each backend, with the same recipe. Prints a markdown table of val_acc
+per epoch; writes ``finetune_example.json`` to ``--out``."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,11 @@ import numpy as np
 from bench.common import ROOT, child_env, log, split_csv
 from bench.report import md_table
 
+# how a run on the digits 7-9 starts: random weights, the imported ones (all layers train),
+# the imported ones with the backbone frozen (the new classifier alone trains)
+STARTS = {"scratch": [], "pretrained": ["finetune.weights={weights}"],
+          "pretrained, backbone frozen": ["finetune.weights={weights}",
+                                          "finetune.freeze_backbone=true"]}
 COMMON = ("hardware=cpu", "export.enabled=false", "trainer.progress_bar=false", "data=npz",
           "optim=adam", "optim.lr=0.001")
 
@@ -78,11 +83,12 @@ def main(argv: list[str] | None = None) -> None:
             f"trainer.max_epochs={args.epochs}", f"data.batch_size={args.batch_size}")
     rows, shown = [], {1, 2, 3, 5, args.epochs}
     for backend in args.backends:
-        for start in ("scratch", "pretrained"):
+        for start, extra in STARTS.items():
             log(f"digits 7-9, {backend}, from {start}")
-            extra = [f"finetune.weights={weights}"] if start == "pretrained" else []
-            history = run(args.out / f"{backend}-{start}-{frac:g}-{args.epochs}-{args.batch_size}",
-                          f"backend={backend}", *task, *extra)
+            extra = [e.format(weights=weights) for e in extra]
+            folder = (f"{backend}-{start.replace(', backbone ', '-')}-{frac:g}-{args.epochs}"
+                      f"-{args.batch_size}")
+            history = run(args.out / folder, f"backend={backend}", *task, *extra)
             rows.append({"backend": backend, "start": start,
                          **{f"epoch {r['epoch']}": round(float(r["val_acc"]), 3)
                             for r in history if int(r["epoch"]) in shown}})
