@@ -243,9 +243,9 @@ CONFIG_CASES = {
                                     "predict.inputs=[{run}/metrics.csv]"], re.escape(
         "predict: cannot read {run}/metrics.csv: not a readable PNG, JPEG or BMP image")),
     "weights-not-a-zip": (["task=verify", "verify.weights={run}/metrics.csv"], re.escape(
-        "verify.weights={run}/metrics.csv: cannot read weights from {run}/metrics.csv: it is "
-        "not a zip archive, as an .npz file (np.savez) is (lenet5 at input_size 32, 10 "
-        "classes)")),
+        "verify.weights={run}/metrics.csv: {run}/metrics.csv: not a weights file this tool "
+        "reads (pth, safetensors, h5, params, npz); give a torch .pth, .safetensors, Keras .h5, "
+        "Gluon .params or .npz (lenet5 at input_size 32, 10 classes)")),
     "optuna-log-from-zero": (["hparams_search=optuna", "optim.lr=tag(log, interval(0, 0.1))"],
                              re.escape("Optuna search space 'optim.lr=tag(log, interval(0, 0.1))': "
                                        "`low > 0` must hold for `log=True`, but got "
