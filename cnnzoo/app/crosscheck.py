@@ -123,8 +123,7 @@ def shared_weights(cfg: DictConfig, spec, input_size: int) -> dict | None:
             prototxt = path.with_suffix(".prototxt")
             return caffe_weights(prototxt, prototxt.with_suffix(".caffemodel"), spec, input_size)
         imported = import_weights(cfg.verify.weights, spec, input_size,
-                                  options=OmegaConf.to_container(cfg.arch.options)
-                                  if cfg.arch.get("options") else {})
+                                  options=cfg.arch.get("options") or {})
         if imported.reinitialised:
             raise WeightsError(f"their classifier has another class count than the model's "
                                f"{spec.num_classes}: set arch.num_classes to theirs")

@@ -9,24 +9,16 @@ Formats: ``pth`` (a torch state dict with the reference's names, written without
 cnnzoo's own reader before the task ends: the round trip must give every weight bit for bit."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
 from ..core.errors import RunFailed
-from ..core.weights import save_weights
-from ..core.zoo.files import read_tensors
+from ..core.zoo import files
+from ..core.zoo.load import layout_module
 from .evaluate import trained_config
 from .experiment import build_model, prepare
-
-# format -> (the layout of its names, the writer's module, the file's suffix)
-FORMATS = {"pth": ("torch_layout", "torch_pickle", ".pth"),
-           "safetensors": ("torch_layout", "safetensors", ".safetensors"),
-           "h5": ("keras_layout", "keras_h5", ".h5"),
-           "params": ("gluon_layout", "gluon_params", ".params"),
-           "npz": (None, None, ".npz")}
 
 
 def export_weights(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
@@ -38,17 +30,13 @@ def export_weights(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None
     backend, model, _ = build_model(trained, run_dir, exp)
     backend.load_checkpoint(model, checkpoint)
     weights = backend.get_weights(model)
-    layout, writer, suffix = FORMATS[fmt]
-    out = run_dir / f"{exp.spec.name}-{trained.backend.name}{suffix}"
+    out = run_dir / f"{exp.spec.name}-{trained.backend.name}.{fmt}"
     size = trained.arch.input_size
-    if layout is None:
-        save_weights(out, weights)
-        back = read_tensors(out, fmt)[1]
-    else:
-        zoo = importlib.import_module(f"cnnzoo.core.zoo.{layout}")
-        importlib.import_module(f"cnnzoo.core.zoo.formats.{writer}").write(
-            out, zoo.from_canonical(weights, exp.spec, size))
-        back = zoo.to_canonical(read_tensors(out, fmt)[1], exp.spec, size)
+    layout = files.LAYOUT_OF[fmt] and layout_module(files.LAYOUT_OF[fmt])
+    files.write_tensors(out, fmt, layout.from_canonical(weights, exp.spec, size) if layout
+                        else weights)
+    back = files.read_tensors(out, fmt)[1]
+    back = layout.to_canonical(back, exp.spec, size) if layout else back
     if sorted(back) != sorted(weights) or any(
             not np.array_equal(back[k], weights[k]) for k in weights):
         out.unlink(missing_ok=True)

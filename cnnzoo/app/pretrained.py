@@ -6,7 +6,7 @@ and put into the freshly built model through the backend's canonical weights, so
 takes them the same way; a resumed run takes its checkpoint instead."""
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..core.errors import WeightsError
 from ..core.zoo import catalog
@@ -32,14 +32,13 @@ def read_pretrained(cfg: DictConfig, spec) -> Imported | None:
     source = cfg.finetune.weights
     if source is None:
         return None
-    options = OmegaConf.to_container(cfg.arch.options) if cfg.arch.get("options") else {}
     pre = weights_preprocessing(cfg)
     if pre:
         print(f"preprocessing of {source}'s weights (finetune.preprocess=weights): "
               + ", ".join(f"{k} {v}" for k, v in pre.items()), flush=True)
     try:
         return import_weights(str(source), spec, cfg.arch.input_size, cfg.finetune.format,
-                              options)
+                              cfg.arch.get("options") or {})
     except WeightsError as err:
         raise WeightsError(f"finetune.weights={source}: {err}") from None
 

@@ -122,7 +122,7 @@ def _rules(cfg: DictConfig):
                                 "a list of node-name prefixes"),
         "finetune.freeze_backbone": BOOLEAN,
         "finetune.backbone_lr": Rule(is_num, lambda v: v > 0, "a positive number"),
-        "export_weights.format": one_of(("pth", "safetensors", "h5", "params", "npz")),
+        "export_weights.format": one_of(WEIGHT_FORMATS),
         "data.channel_order": optional(one_of(("RGB", "BGR"))),
         "data.crop_fraction": optional(Rule(is_num, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         "verify.input_size": optional(pos_int),

@@ -191,8 +191,8 @@ class KerasBackend(Backend):
 
     def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
         spec = self._built[id(model)][0]
-        names = [n.name for n in spec.nodes if n.name not in spec.aux_outputs]
-        names = [n for n in names if n in {layer.name for layer in model.layers}]
+        layers = {layer.name for layer in model.layers}
+        names = [n.name for n in spec.nodes if n.name in layers and n.name not in spec.aux_outputs]
         probe = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])
         with tf.device("/cpu:0"):
             outs = probe(tf.constant(to_nhwc(images)), training=False)

@@ -108,11 +108,9 @@ class MXNetBackend(Backend):
         return model.logits(x).asnumpy()
 
     def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
-        graph = model.inference_graph
-        values = {S.INPUT: self.mx.nd.array(images, ctx=self.mx.cpu(), dtype=np.float32)}
+        x = self.mx.nd.array(images, ctx=self.mx.cpu(), dtype=np.float32)
         with self.mx.autograd.predict_mode():
-            for k, name, inputs in graph._plan:
-                values[name] = graph._children[k](*[values[i] for i in inputs])
+            values = model.inference_graph.node_values(x)
         return {k: v.asnumpy() for k, v in values.items() if k != S.INPUT}
 
     # ---------------------------------------------------------------- weights and files

@@ -194,11 +194,16 @@ class SpecGraph(gluon.HybridBlock):
         return f"{type(self).__name__}(\n" + "\n".join(rows) + "\n)"
 
     def hybrid_forward(self, F, x):
+        values = self.node_values(x)
+        out = tuple(values[o] for o in self._outputs)
+        return out if len(out) > 1 else out[0]
+
+    def node_values(self, x) -> dict:
+        """Every node's output (and the input's, as ``S.INPUT``), NDArrays or Symbols."""
         values = {S.INPUT: x}
         for k, name, inputs in self._plan:
             values[name] = self._children[k](*[values[i] for i in inputs])
-        out = tuple(values[o] for o in self._outputs)
-        return out if len(out) > 1 else out[0]
+        return values
 
 
 class SpecNet(SpecGraph):

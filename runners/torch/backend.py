@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from lightning_fabric.utilities.seed import seed_everything
 
-from architectures import spec as S
 from cnnzoo.core.backend import Backend
 from cnnzoo.core.training import TrainReport
 
@@ -111,11 +110,8 @@ class TorchBackend(Backend):
 
     def node_outputs(self, model, images: np.ndarray) -> dict[str, np.ndarray]:
         model = model.cpu().float().eval()
-        values = {S.INPUT: torch.from_numpy(images)}
         with torch.inference_mode():
-            for key, name, inputs, _ in model._eval_plan:
-                values[name] = model.layers[key](*[values[i] for i in inputs])
-        return {k: v.numpy() for k, v in values.items() if k != S.INPUT}
+            return {k: v.numpy() for k, v in model.node_outputs(torch.from_numpy(images)).items()}
 
     def save_checkpoint(self, model, path: Path) -> None:
         """The model's weights alone (``state.save_weights``), readable by ``load_checkpoint``."""

@@ -124,11 +124,23 @@ class SpecModule(nn.Module):
 
     def forward(self, x):
         with_aux = self.training and bool(self.aux_outputs)
-        values = {S.INPUT: x}
-        for key, name, inputs, done in self._train_plan if with_aux else self._eval_plan:
-            values[name] = self.layers[key](*[values[i] for i in inputs])
-            for used in done:
-                del values[used]
+        values = self._run(self._train_plan if with_aux else self._eval_plan, x)
         if with_aux:
             return (values[self.output], *(values[a] for a in self.aux_outputs))
         return values[self.output]
+
+    def node_outputs(self, x) -> dict:
+        """Every node's output of the inference graph (the layer report), input excluded."""
+        values = self._run(self._eval_plan, x, keep_all=True)
+        del values[S.INPUT]
+        return values
+
+    def _run(self, plan, x, keep_all: bool = False) -> dict:
+        """The nodes of ``plan`` on ``x``: their outputs, each dropped after its last use
+        unless ``keep_all``."""
+        values = {S.INPUT: x}
+        for key, name, inputs, done in plan:
+            values[name] = self.layers[key](*[values[i] for i in inputs])
+            for used in () if keep_all else done:
+                del values[used]
+        return values

@@ -10,7 +10,14 @@ import numpy as np
 
 from ..errors import WeightsError
 
-FORMATS = ("pth", "safetensors", "h5", "params", "npz")
+FORMATS = ("pth", "safetensors", "h5", "params", "npz")  # also each format's file suffix
+# the module of formats/ that reads and writes each (npz: cnnzoo.core.weights)
+_MODULES = {"pth": "torch_pickle", "safetensors": "safetensors", "h5": "keras_h5",
+            "params": "gluon_params"}
+# the layout (<name>_layout module) of a format's tensor names when no zoo model names one;
+# an .npz holds canonical weights already
+LAYOUT_OF = {"pth": "torch", "safetensors": "torch", "h5": "keras", "params": "gluon",
+             "npz": None}
 
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 _MXNET_LIST = (0x112).to_bytes(8, "little")  # mxnet.nd.save's list magic
@@ -61,12 +68,23 @@ def read_tensors(path: Path, fmt: str | None = None) -> tuple[str, dict[str, np.
                            "replace it") from None
 
 
+def write_tensors(path: Path, fmt: str, tensors: dict[str, np.ndarray]) -> None:
+    """Write ``tensors`` (the format's own names and layouts) as a ``fmt`` file, atomically."""
+    if fmt == "npz":
+        from ..weights import save_weights
+        save_weights(path, tensors)
+    else:
+        _module(fmt).write(path, tensors)
+
+
 def _reader(fmt: str):
     """The format's ``read`` (its module imported only when used: h5py is not needed for a
     torch file)."""
     if fmt == "npz":
         from ..weights import load_weights
         return load_weights
-    module = {"pth": "torch_pickle", "safetensors": "safetensors", "h5": "keras_h5",
-              "params": "gluon_params"}[fmt]
-    return importlib.import_module(f"{__package__}.formats.{module}").read
+    return _module(fmt).read
+
+
+def _module(fmt: str):
+    return importlib.import_module(f"{__package__}.formats.{_MODULES[fmt]}")

@@ -20,10 +20,6 @@ from ..finetune import classifier_nodes
 from ..weights import check_weights, expected_shapes
 from . import catalog, files
 
-# the layout a file's format implies when no zoo model is named
-_LAYOUT_OF_FORMAT = {"pth": "torch", "safetensors": "torch", "h5": "keras", "params": "gluon",
-                     "npz": "canonical"}
-
 
 @dataclass
 class Imported:
@@ -44,12 +40,12 @@ def import_weights(source: str, spec: S.Spec, input_size: int, fmt: str | None =
         zoo_model = catalog.find(source)
         _check_same_network(zoo_model, spec, options or {})
         from .download import fetch
-        path, layout = fetch(zoo_model), zoo_model.layout
+        path = fetch(zoo_model)
     else:
-        path, layout = Path(source), None
+        path = Path(source)
     fmt, tensors = files.read_tensors(path, fmt)
-    layout = layout or _LAYOUT_OF_FORMAT[fmt]
-    canonical = tensors if layout == "canonical" else _layout(layout).to_canonical(
+    layout = zoo_model.layout if zoo_model else files.LAYOUT_OF[fmt]
+    canonical = tensors if layout is None else layout_module(layout).to_canonical(
         tensors, spec, input_size)
     expected = expected_shapes(spec, input_size)
     dropped = _other_classifier(canonical, expected, spec)
@@ -60,7 +56,7 @@ def import_weights(source: str, spec: S.Spec, input_size: int, fmt: str | None =
                     zoo_model.id if zoo_model else None, sorted(dropped))
 
 
-def _layout(name: str):
+def layout_module(name: str):
     """The layout module ``<name>_layout`` (imported when used)."""
     return importlib.import_module(f"{__package__}.{name}_layout")
 
